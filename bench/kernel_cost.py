@@ -479,6 +479,27 @@ def table(rounds: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def target_env(name: str, env: dict[str, str], variants: list[str]) -> dict[str, str] | None:
+    """The environment of target `name`: `env` for an ingress, and for
+    ``ingress@V`` what each ``--variant V:KEY=VALUE`` adds (``{repo}`` is this
+    repository; a PYTHONPATH goes before the one `env` sets)."""
+    if not name.startswith("ingress"):
+        return None
+    out = dict(env)
+    _, _, own = name.partition("@")
+    repo = str(Path(__file__).resolve().parent.parent)
+    for variant in variants:
+        label, _, assignment = variant.partition(":")
+        key, _, value = assignment.partition("=")
+        if label != own or not key:
+            continue
+        value = value.replace("{repo}", repo)
+        if key == "PYTHONPATH" and out.get(key):
+            value = os.pathsep.join((value, out[key]))
+        out[key] = value
+    return out
+
+
 def gc_table(rounds: list[dict[str, Any]]) -> str:
     out = []
     for r in rounds:
@@ -518,7 +539,7 @@ async def main_async(args: argparse.Namespace) -> int:
         await run.start_fleets()
         targets = []
         for name in args.targets:
-            target = await run.start(name, env if name.startswith("ingress") else None)
+            target = await run.start(name, target_env(name, env, args.variant))
             log(f"{name} ready (pid {target.pid}): {parts_of(target)}")
             targets.append(target)
         await asyncio.sleep(1.5)
@@ -569,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gc", action="store_true", help="count the ingress's cyclic GC")
     p.add_argument("--variant-pythonpath", help="src of the ingress to run (default: this tree)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="environment of target ingress@NAME (repeatable; {repo}: this repository)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.seconds > 600 or args.rate * args.seconds > 20000 or args.calls > 20000:

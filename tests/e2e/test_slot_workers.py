@@ -27,7 +27,10 @@ FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
 
 
 class Host:
-    def __init__(self, queue_timeout: float) -> None:
+    def __init__(self, queue_timeout: float, standing: bool = False) -> None:
+        """`standing`: the workers take standing grant budgets
+        (INGRESS_STANDING_BUDGETS=1, `core.slot_budget`)."""
+        self.standing = standing
         specs = parse_fleets_text(FLEETS, default_maxconn=16)
         balancer = Balancer(FleetSet.from_specs(specs))
         self.slots = HostSlots(balancer, queue_timeout=queue_timeout, max_queue=256)
@@ -50,6 +53,7 @@ class Host:
             str(theirs.fileno()),
             str(generation),
             pass_fds=[theirs.fileno()],
+            env={**os.environ, "INGRESS_STANDING_BUDGETS": "1" if self.standing else ""},
         )
         theirs.close()  # the child's now: when it dies, the channel closes
         proc = worker.proc
@@ -61,23 +65,46 @@ class Host:
     def active(self) -> dict[str, int]:
         return {f.name: f.active for f in self.slots.balancer.fleets}
 
+    def reserved(self) -> dict[str, int]:
+        return {f.name: f.standing for f in self.slots.balancer.fleets}
+
+    def budget(self, worker: EventChild) -> dict[str, int] | None:
+        """What the table says is left of `worker`'s standing budget, once it
+        has said it has it (None: it has none)."""
+        row = next(r for r in self.slots.workers if r.pid == worker.proc.pid)
+        return row.standing.slots() if row.standing and row.standing_taken else None
+
     async def close(self) -> None:
         for worker in self.workers:
             await worker.kill()
         await self.server.close()
 
 
-@pytest.fixture
-async def host():
+async def _hosts(standing: bool):
     made: list[Host] = []
 
     def make(queue_timeout: float) -> Host:
-        made.append(Host(queue_timeout))
+        made.append(Host(queue_timeout, standing))
         return made[-1]
 
     yield make
     for h in made:
         await h.close()
+
+
+@pytest.fixture(params=[False, True], ids=["asked", "standing"])
+async def host(request):
+    """Hosts whose workers ask the supervisor for every slot, or (the same
+    tests again) take standing budgets: what the tests say holds either way."""
+    async for make in _hosts(request.param):
+        yield make
+
+
+@pytest.fixture
+async def standing_host():
+    """Hosts whose workers take standing budgets."""
+    async for make in _hosts(True):
+        yield make
 
 
 async def test_forty_calls_from_two_workers_admit_32_and_the_rest_queue_fifo_then_503(host):
@@ -167,3 +194,64 @@ async def test_waiters_of_two_workers_are_served_in_the_order_they_asked(host):
         assert h.slots.queue_length == len(asked) - n - 1
     assert served == asked
     assert h.active() == {"a": 16, "b": 16} and h.peak == {"a": 16, "b": 16}
+
+
+async def test_calls_queued_while_a_worker_holds_a_budget_are_served_in_order_not_overtaken(
+    standing_host,
+):
+    """The case a standing budget makes risky: a worker whose budget slots
+    come back to it while another's calls wait. The first call that must wait
+    takes every budget back; the slots then go to the queue, in order."""
+    h = standing_host(queue_timeout=10.0)
+    w1 = await h.spawn()
+    await eventually(lambda: h.budget(w1) == {"a": 8, "b": 8})  # 16 // (1 + 1)
+    w2 = await h.spawn()
+    await eventually(lambda: h.budget(w2) == {"a": 2, "b": 2})  # of the 8 left, over 3
+    w1.send(cmd="lease", n=16)  # all from its budget
+    await eventually(lambda: len(w1.of("granted")) == 16)
+    await eventually(lambda: h.budget(w1) == {"a": 0, "b": 0})
+    assert h.reserved() == {"a": 2, "b": 2} and h.active() == {"a": 8, "b": 8}
+    w2.send(cmd="lease", n=16)  # 4 from its budget, 12 asked
+    await eventually(lambda: len(w2.of("granted")) == 16)
+    assert h.active() == {"a": 16, "b": 16} and h.reserved() == {"a": 0, "b": 0}
+    assert h.budget(w1) is not None  # standing still, empty
+
+    w2.send(cmd="lease", n=2)
+    await eventually(lambda: h.slots.queue_length == 2)
+    # Taken back from both: what w1 gives back is no longer its own.
+    await eventually(lambda: h.budget(w1) is None and h.budget(w2) is None)
+    w1.send(cmd="lease", n=1)
+    await eventually(lambda: h.slots.queue_length == 3)
+    served = []
+    for n in range(3):
+        counts = (len(w1.of("granted")), len(w2.of("granted")))
+        w1.send(cmd="release", n=1)  # a call granted from its budget ends
+        await eventually(lambda c=counts: (len(w1.of("granted")), len(w2.of("granted"))) != c)
+        served.append("w1" if len(w1.of("granted")) > counts[0] else "w2")
+        assert h.slots.queue_length == 2 - n
+    assert served == ["w2", "w2", "w1"]
+    assert h.active() == {"a": 16, "b": 16} and h.peak == {"a": 16, "b": 16}
+    assert not w1.of("refused") and not w2.of("refused")
+
+
+async def test_a_worker_killed_holding_a_budget_gives_it_back_within_a_second(standing_host):
+    h = standing_host(queue_timeout=5.0)
+    w1 = await h.spawn()
+    await eventually(lambda: h.budget(w1) == {"a": 8, "b": 8})
+    w2 = await h.spawn(generation=2)
+    await eventually(lambda: h.budget(w2) == {"a": 2, "b": 2})
+    w1.send(cmd="lease", n=3)
+    await eventually(lambda: sum(h.active().values()) == 3)
+    assert sum(h.reserved().values()) == 13 + 4
+
+    killed_at = time.monotonic()
+    os.kill(w1.proc.pid, signal.SIGKILL)
+    await eventually(lambda: h.reserved() == {"a": 2, "b": 2}, timeout=5)  # the survivor's
+    assert time.monotonic() - killed_at < 1.0
+    assert h.active() == {"a": 0, "b": 0}
+    assert [(r.pid, r.calls) for r in h.slots.workers] == [(w2.proc.pid, 0)]
+    # Everything but the survivor's own budget is free: it gets it without a wait.
+    w2.send(cmd="lease", n=32)
+    await eventually(lambda: len(w2.of("granted")) == 32)
+    assert not w2.of("refused") and h.peak["a"] <= 16 and h.peak["b"] <= 16
+    assert await asyncio.wait_for(w1.proc.wait(), 5) == -signal.SIGKILL

@@ -51,6 +51,12 @@ class FleetState:
     admin: Admin = Admin.READY
     membership: Membership = Membership.LISTED  # set by FleetSet alone
     active: int = 0  # calls (and call attempts) this ingress has open there
+    # Slots held for workers' standing grant budgets (`core.slot_budget`,
+    # `HostSlots.give_standing`): no call yet, but a worker may grant one from
+    # them at any moment, unheard until its batch arrives. They count against
+    # maxconn and the capacity estimate as calls would; not in `active` (what
+    # stats show as the fleet's calls) nor in leastconn's count.
+    standing: int = 0
     opened_total: int = 0
     # Capacity the fleet last reported, and `opened_total` when that probe was
     # sent: calls opened since then are not in the fleet's number yet.
@@ -134,7 +140,7 @@ class FleetState:
         if self.reported_available is None:
             return None
         opened_since = self.opened_total - self.opened_at_probe
-        return self.reported_available - opened_since - len(self.unseen)
+        return self.reported_available - opened_since - len(self.unseen) - self.standing
 
     def probe_sending(self, now: float) -> int:
         """A probe leaves now (monotonic): what it counts is set against the
@@ -278,7 +284,7 @@ class FleetState:
 
     @property
     def has_room(self) -> bool:
-        return self.active < self.maxconn and not self.full
+        return self.active + self.standing < self.maxconn and not self.full
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
+from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends
 
 WorkerKey = Hashable  # whatever names a worker's channel to the caller
 
@@ -120,6 +121,17 @@ class WorkerRow:
     # in time the supervisor ran (set by the slot server's timer, cleared by
     # its next report): shown unresponsive, its last report's counts standing.
     report_overdue: bool = False
+    # Its standing grant budget (`core.slot_budget`, "standing" in its hello):
+    # the table's copy of the worker's, kept in the same order (its "acquire"s
+    # marked "budget", its releases). Reserved on the fleets
+    # (`FleetState.standing`) from `give_standing`; a slot given back goes
+    # back into it only once the worker said it has it (`standing_taken`), as
+    # the worker's does; `standing_ending`: "budget-end" sent, "budget-dropped"
+    # not read yet (`drop_standing`).
+    standing: Budget | None = None
+    standing_fleets: dict[str, FleetState] = field(default_factory=dict)
+    standing_taken: bool = False
+    standing_ending: bool = False
 
     @property
     def unresponsive(self) -> bool:
@@ -191,6 +203,8 @@ class HostSlots:
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
             return None, []
+        # Its standing budget ends with its channel (the worker's ends there too).
+        self._unreserve(row)
         if keep_held and row.held:
             row.channel_lost = True
             for lease, fleet in row.held.items():
@@ -284,6 +298,9 @@ class HostSlots:
             )
             self._queue.insert(position, waiter)
         if reserved is not None:
+            # Its standing budget ended at "sync"; what it granted from it is
+            # in what it holds.
+            self._unreserve(reserved)
             # After its own count is in: a slot it gave back meanwhile frees up
             # here (and a removed fleet is reaped only once idle for real).
             for lease, fleet in reserved.held.items():
@@ -471,7 +488,110 @@ class HostSlots:
                     break
             return []
         self._close(fleet, (worker, lease))
+        if (
+            row is not None
+            and row.standing is not None
+            and row.standing_taken
+            and row.standing.give_back(fleet.name)
+        ):
+            # Back into its standing budget, as the worker's (same order): still
+            # reserved, nothing freed for the others.
+            fleet.standing += 1
+            return []
         return self.wake()
+
+    # -- standing budgets (core.slot_budget) -------------------------------------
+
+    def give_standing(self, worker: WorkerKey, budget: dict[str, int]) -> list[BudgetFleet]:
+        """Reserve `budget` (fleet name -> slots, `slot_budget.standing_share`)
+        for `worker` as its standing budget, to be sent to it: counted against
+        maxconn and the estimate from now (`FleetState.standing`). Returns its
+        fleets as sent ([]: nothing reserved, no fleet known)."""
+        row = self.row(worker)
+        if row.standing is not None:
+            raise SlotProtocolError(f"worker {worker!r} already has a standing budget")
+        fleets: list[BudgetFleet] = []
+        for name, slots in budget.items():
+            fleet = self.balancer.get(name)
+            if fleet is None or slots <= 0:
+                continue
+            fleet.standing += slots
+            row.standing_fleets[name] = fleet
+            fleets.append(BudgetFleet(name, slots, fleet.active, most=slots))
+        if fleets:
+            # Its own copy: the one sent is the worker's.
+            row.standing = Budget([BudgetFleet(f.name, f.left, f.active, f.most) for f in fleets])
+            row.standing_taken = row.standing_ending = False
+        return fleets
+
+    def standing_taken(self, worker: WorkerKey) -> None:
+        """The worker says it has its standing budget ("budget-taken"): from
+        here on a slot it gives back goes back into it, as in the worker's."""
+        row = self._rows.get(worker)
+        if row is not None and row.standing is not None:
+            row.standing_taken = True
+
+    def grant_standing(self, worker: WorkerKey, lease: int, name: str) -> Granted:
+        """The worker granted lease `lease` on fleet `name` from its standing
+        budget (its "acquire" marked "budget"): the reserved slot becomes the
+        lease's, a grant of the host's like any (`_grant`)."""
+        row = self.row(worker)
+        if lease in row.held:
+            raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
+        fleet = row.standing_fleets.get(name)
+        if row.standing is None or fleet is None or not row.standing.take_named(name):
+            raise SlotProtocolError(
+                f"worker {worker!r} granted lease {lease} on fleet {name!r} from a "
+                "standing budget it does not have there"
+            )
+        fleet.standing -= 1
+        return self._grant(row, lease, fleet)
+
+    def end_standing(self, *, fleets_changed: bool = True) -> list[WorkerKey]:
+        """The workers whose standing budgets must be taken back now ("budget-end"
+        to each, marked sent): all while a call waits in the queue (FIFO) or
+        the table is paused; else, if `fleets_changed` (a probe, an admin
+        change: the caller knows), those holding one on a fleet pick would not
+        choose (`slot_budget.standing_ends`). Nothing to look at otherwise: a
+        slot given back or granted changes neither."""
+        everyone = bool(self._queue) or self.paused
+        if not everyone and not fleets_changed:
+            return []
+        ending: list[WorkerKey] = []
+        for row in self._rows.values():
+            if row.standing is None or row.standing_ending:
+                continue
+            if everyone or any(standing_ends(f) for f in row.standing_fleets.values()):
+                row.standing_ending = True
+                ending.append(row.worker)
+        return ending
+
+    def drop_standing(self, worker: WorkerKey) -> list[Answer]:
+        """The worker dropped what was left of its standing budget
+        ("budget-dropped", after everything it granted from it): those slots
+        are free. Returns the grants they make possible."""
+        row = self._rows.get(worker)
+        if row is None or row.standing is None:
+            return []
+        self._unreserve(row)
+        return self.wake()
+
+    def standing_left(self, worker: WorkerKey) -> list[str]:
+        """Of `worker`'s standing budget, what is left, a fleet name a slot:
+        carried over an exec on top of what it holds (it may grant from it
+        until it reads the exec's budget or "sync")."""
+        row = self._rows.get(worker)
+        if row is None or row.standing is None:
+            return []
+        return [name for name, n in row.standing.slots().items() for _ in range(n)]
+
+    def _unreserve(self, row: WorkerRow) -> None:
+        if row.standing is not None:
+            for name, left in row.standing.slots().items():
+                row.standing_fleets[name].standing -= left
+        row.standing = None
+        row.standing_fleets = {}
+        row.standing_taken = row.standing_ending = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
         """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""

@@ -27,6 +27,23 @@ Only when nobody waits (the host's queue is empty: a budget would let a new
 call overtake one queued, and the queue is FIFO), and only on a fleet that
 `Balancer.pick` could pick now: UP and READY (not MAINT, not DRAIN), not
 being removed, with room (below maxconn and not FULL by its own word).
+
+Standing budgets (protocol "standing": true in a worker's hello, session 43):
+the same budget outside an exec, so that a call of the common case costs the
+supervisor no wake-up of its own. While nobody waits in the host's queue, a
+worker that says it can is given `standing_share` of each fleet, reserved in
+the table (`FleetState.standing`: counted against maxconn and the capacity
+estimate as calls, `HostSlots.give_standing`); it grants calls from it at once
+and tells what it did in batches (its "acquire"s marked "budget", its
+releases, riding its next write or sent `slot_client.ANSWERS_FLUSH` after).
+Both ends keep the same `Budget` in the same order (one stream): a slot given
+back goes back into it, up to the size it was given (`BudgetFleet.most`: a
+worker's calls beyond it are asked of the supervisor, their slots given back
+to the host). When a call must wait in the queue, or a budget's fleet can no
+longer be picked, the supervisor takes every budget back ("budget-end"); the
+worker drops what is left and says so ("budget-dropped"), and only then are
+those slots free (`HostSlots.drop_standing`): the queue stays FIFO but for the
+calls granted while "budget-end" was on its way (one round trip).
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ def free_slots(fleet: FleetState) -> int:
     0 for a fleet pick would not choose (not UP and READY, being removed)."""
     if not fleet.up or fleet.removing:
         return 0
-    free = fleet.maxconn - fleet.active
+    free = fleet.maxconn - fleet.active - fleet.standing
     estimate = fleet.estimated_available if fleet.capacity_aware else None
     if estimate is not None:
         free = min(free, estimate)
@@ -78,6 +95,44 @@ def share(
     return budgets
 
 
+# The most slots of one fleet a worker's standing budget holds: its calls in
+# flight or live there beyond it are asked of the supervisor (a round trip, as
+# without a budget). Reserved slots are room the other workers' calls do not
+# see (each share leaves them more than it takes: `standing_share`).
+STANDING_MOST = 64
+
+
+def standing_share(
+    fleets: Sequence[FleetState], takers: int, *, queue_length: int, most: int = STANDING_MOST
+) -> dict[str, int]:
+    """One worker's standing budget, fleet name -> slots: of each fleet pick
+    could choose now (`free_slots`), at most `most`, and at most its free
+    slots over `takers` + 1 (the workers that hold or may be given standing
+    budgets, plus a share left for calls asked of the supervisor): never all
+    of a fleet's room. Nothing while a call waits in the queue (FIFO)."""
+    if queue_length:
+        return {}
+    budget: dict[str, int] = {}
+    for fleet in fleets:
+        slots = min(most, free_slots(fleet) // (max(takers, 1) + 1))
+        if slots > 0:
+            budget[fleet.name] = slots
+    return budget
+
+
+def standing_ends(fleet: FleetState) -> bool:
+    """A standing budget on `fleet` must be taken back: pick would not choose
+    it for a new call (DOWN, MAINT, DRAIN, being removed, FULL by its own
+    word, its reserved slots counted), or its calls and reserved slots are
+    past its maxconn (a reload lowered it)."""
+    return (
+        not fleet.up
+        or fleet.removing
+        or fleet.full
+        or fleet.active + fleet.standing > fleet.maxconn
+    )
+
+
 @dataclass(slots=True)
 class BudgetFleet:
     """One fleet of a worker's budget: slots left, and the host's calls there
@@ -87,6 +142,9 @@ class BudgetFleet:
     name: str
     left: int
     active: int
+    # The most slots left it may hold (a standing budget: the size it was
+    # given); None: a slot given back always goes back (an exec's budget).
+    most: int | None = None
 
 
 class Budget:
@@ -127,14 +185,34 @@ class Budget:
         self.granted += 1
         return chosen.name
 
-    def give_back(self, name: str) -> None:
+    def take_named(self, name: str) -> bool:
+        """A slot of fleet `name` taken from the budget (the supervisor's copy
+        of a worker's standing budget, as its "acquire" says the fleet): False
+        when it has none left there."""
+        for f in self._fleets:
+            if f.name == name and f.left > 0:
+                f.left -= 1
+                f.active += 1
+                self.granted += 1
+                return True
+        return False
+
+    def give_back(self, name: str) -> bool:
         """A slot this worker held on fleet `name` was given back (a call
         ended, from the budget or granted before): its own again, as nobody
         else grants it meanwhile (the supervisor counts from the worker's
         "state", which no longer names it). Not for a fleet not in the budget
-        (judged not to take calls at the hand-over)."""
+        (judged not to take calls at the hand-over), nor past its `most`.
+        True if it went back into the budget (else it is the host's again)."""
         for f in self._fleets:
             if f.name == name:
-                f.left += 1
                 f.active = max(0, f.active - 1)
-                return
+                if f.most is not None and f.left >= f.most:
+                    return False
+                f.left += 1
+                return True
+        return False
+
+    def slots(self) -> dict[str, int]:
+        """Slots left, by fleet (those with none left too)."""
+        return {f.name: f.left for f in self._fleets}

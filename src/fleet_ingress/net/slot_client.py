@@ -21,6 +21,13 @@ until "sync" (or the channel's end) a call is granted from it at once, as
 nobody else grants meanwhile; its lease is held like any other, said in
 "state", and given back with "release". What is left of it at "sync" is dropped.
 
+A worker that says "standing" in its hello (INGRESS_STANDING_BUDGETS) may be
+given such a budget outside an exec too, while nobody waits host-wide
+(`core.slot_budget`, docs/WORKERS.md "Standing budgets"): its calls are granted
+from it without a round trip, the releases going back into it and "logged"
+ride its next write, and it gives it back when told ("budget-end") or as it
+stops taking calls (`decline_standing`).
+
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
 `send_report(final=True)` as the worker exits cleanly. Between asks,
@@ -36,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -75,6 +83,21 @@ ANSWERS_FLUSH = 0.2
 # sent this long after at most: one report for everything counted meanwhile,
 # none while nothing is counted.
 REPORT_AFTER_COUNT = 1.0
+# Whether a worker asks for standing grant budgets ("standing" in its hello
+# and state, `core.slot_budget`): off unless INGRESS_STANDING_BUDGETS is "1"
+# or "held" in its environment (session 43: built and tested on the slot
+# channel, not yet through the whole suite; docs/WORKERS.md "Standing
+# budgets"). Outside FLEET_INGRESS_*, which names settings.
+_STANDING_ENV = os.environ.get("INGRESS_STANDING_BUDGETS", "")
+STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
+# Whether the "acquire" of a call granted from a standing budget waits to ride
+# the next write (or ANSWERS_FLUSH), as a release into the budget and "logged"
+# do ("held"). Held, the supervisor wakes about 0.5 times a churned call
+# instead of 1.3 (bench/README, session 43); but a worker killed within
+# ANSWERS_FLUSH of a grant takes that call with it unnamed, and the
+# supervisor writes no access line for it (SPEC: a lost call is logged). So
+# by default ("1") it goes at once.
+HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 
 
 def _no_answer(future: asyncio.Future[FleetState]) -> None:
@@ -216,6 +239,14 @@ class SlotClient(asyncio.Protocol):
         # calls granted from it at once. The fleets' specs, as it sent them.
         self._budget: Budget | None = None
         self._budget_specs: dict[str, Any] = {}
+        # The budget is a standing one (outside an exec): what it grants and
+        # gets back is told in batches (`_held_lines`, sent first with the next
+        # write, or ANSWERS_FLUSH after).
+        self._standing = False
+        # Whether it says it takes standing budgets (set before its hello).
+        self.takes_standing = STANDING_BUDGETS
+        self._held_lines: list[bytes] = []
+        self._held_timer: asyncio.TimerHandle | None = None
         self.budget_granted_total = 0  # calls granted from budgets over its life
 
     @classmethod
@@ -302,17 +333,39 @@ class SlotClient(asyncio.Protocol):
         asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
         asking["budget"] = True
         asking["fleet"] = name  # counted as the host's grant on it (`HostSlots.count_granted`)
+        if self._standing:
+            asking["standing"] = True  # `HostSlots.grant_standing`
         if call is not None:
             asking["call"] = call
             self._calls[lease_id] = call
-        self._write(asking)
+        if self._standing and HOLD_BUDGET_GRANTS:
+            self._hold(asking)
+        else:
+            self._write(asking)
         self.budget_granted_total += 1
         return RemoteLease(self, lease_id, fleet, 0.0)
 
     def _take_budget(self, message: dict[str, Any]) -> None:
+        """A grant budget: an exec's (until "sync"), or a standing one
+        ("standing": until "budget-end"), which this end says it has
+        ("budget-taken": from there on both ends give slots back into it). An
+        exec's replaces a standing one: the supervisor shared out the slots
+        the standing ones left free, and counts what was left of them until
+        this worker's "state"."""
+        standing = message.get("standing") is True
+        if standing and not self.takes_standing:
+            # Declined since it was sent (`decline_standing`): what it reserved
+            # is freed by this answer.
+            self._write({"op": "budget-dropped"})
+            return
         try:
             fleets = [
-                BudgetFleet(str(f["fleet"]), int(f["slots"]), int(f["active"]))
+                BudgetFleet(
+                    str(f["fleet"]),
+                    int(f["slots"]),
+                    int(f["active"]),
+                    int(f["slots"]) if standing else None,
+                )
                 for f in field(message, "fleets", list)
             ]
             specs = {str(f["fleet"]): f["spec"] for f in field(message, "fleets", list)}
@@ -321,15 +374,40 @@ class SlotClient(asyncio.Protocol):
         for spec in specs.values():
             spec_from_wire(spec)  # a spec that is not one breaks the channel now, not at a call
         self._budget, self._budget_specs = Budget(fleets), specs
+        self._standing = standing
+        if standing:
+            self._write({"op": "budget-taken"})
+            log.debug(
+                "standing grant budget taken",
+                extra=fields(pid=self.pid, slots={f.name: f.left for f in fleets}),
+            )
+            return
         log.info(
             "grant budget taken: calls are granted from it until the supervisor answers again",
             extra=fields(pid=self.pid, slots={f.name: f.left for f in fleets}),
         )
 
+    def decline_standing(self) -> None:
+        """This worker takes no new calls (it stops, or drains after an
+        upgrade): a standing budget would hold slots nobody uses. What is left
+        of one goes back, and none is given again ("declined")."""
+        if not self.takes_standing:
+            return
+        self.takes_standing = False
+        if self._standing:
+            self._end_budget()
+        self._write({"op": "budget-dropped", "declined": True})
+
     def _end_budget(self) -> None:
         budget, self._budget = self._budget, None
         self._budget_specs = {}
-        if budget is not None:
+        standing, self._standing = self._standing, False
+        if budget is not None and standing:
+            log.debug(
+                "standing grant budget ended",
+                extra=fields(pid=self.pid, granted=budget.granted, dropped=budget.left),
+            )
+        elif budget is not None:
             log.info(
                 "grant budget ended: the supervisor grants again",
                 extra=fields(pid=self.pid, granted=budget.granted, dropped=budget.left),
@@ -348,27 +426,51 @@ class SlotClient(asyncio.Protocol):
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
         self._over(lease_id)
+        kept = False
         if future.done() and not future.cancelled() and future.exception() is None:
-            self._given_back(future.result())  # granted, never used: ours no more
-        self._write({"op": "release", "id": lease_id})
+            kept = self._given_back(future.result())  # granted, never used: ours no more
+        self._tell({"op": "release", "id": lease_id}, hold=kept)
 
     def _release(self, lease: RemoteLease) -> None:
-        self._given_back(lease.fleet)
+        kept = self._given_back(lease.fleet)
         self._over(lease.id)
-        self._write({"op": "release", "id": lease.id})
+        self._tell({"op": "release", "id": lease.id}, hold=kept)
 
     def _logged(self, lease_id: int) -> None:
         if self._calls.pop(lease_id, None) is not None:
-            self._write({"op": "logged", "id": lease_id})
+            self._tell({"op": "logged", "id": lease_id}, hold=True)
 
-    def _given_back(self, fleet: FleetState) -> None:
+    def _given_back(self, fleet: FleetState) -> bool:
         """A slot held on `fleet` is given back (released, or granted to a call
-        that gave up): a fleet forgotten meanwhile is dropped with its last."""
+        that gave up): a fleet forgotten meanwhile is dropped with its last.
+        True if it went back into a standing budget: nobody else could have
+        it, so its release may wait to be told (`_tell`)."""
         fleet.active -= 1
+        kept = False
         if self._budget is not None:
-            self._budget.give_back(fleet.name)  # nobody else grants it meanwhile
+            kept = self._budget.give_back(fleet.name)  # nobody else grants it meanwhile
         if fleet.active == 0 and fleet.name in self._forget_when_idle:
             self._forget_fleet(fleet.name)
+        return kept and self._standing
+
+    def _tell(self, message: dict[str, Any], *, hold: bool) -> None:
+        """Send `message`, or, while a standing budget stands and `hold` says
+        it frees nothing for others, hold it for the next write."""
+        if hold and self._standing:
+            self._hold(message)
+        else:
+            self._write(message)
+
+    def _hold(self, message: dict[str, Any]) -> None:
+        """`message` goes first in this end's next write, or ANSWERS_FLUSH
+        from now: one wake-up of the supervisor for many."""
+        self._held_lines.append(encode(message))
+        if self._held_timer is None:
+            self._held_timer = self._loop.call_later(ANSWERS_FLUSH, self._write_held)
+
+    def _write_held(self) -> None:
+        self._held_timer = None
+        self._write(None)
 
     def _answered(self, lease_id: int, at: float) -> None:
         self._in_flight.discard(lease_id)
@@ -434,6 +536,8 @@ class SlotClient(asyncio.Protocol):
                 "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
                 "lists_calls": True,  # it answers "list-calls" and "end-call"
                 "budgets": True,  # it grants from a budget during an exec ("budget")
+                # and from a standing one ("budget" with "standing")
+                **({"standing": True} if self.takes_standing else {}),
                 "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
                 **({"tag": self.tag} if self.tag is not None else {}),
             }
@@ -506,6 +610,10 @@ class SlotClient(asyncio.Protocol):
             self._answers_timer.cancel()
             self._answers_timer = None
         self._answers.clear()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held_lines.clear()
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
@@ -529,6 +637,13 @@ class SlotClient(asyncio.Protocol):
             return
         if op == "budget":
             self._take_budget(message)
+            return
+        if op == "budget-end":
+            # A call waits for a slot (or a budget's fleet cannot be picked):
+            # what is left goes back, said after every grant made from it.
+            if self._standing:
+                self._end_budget()
+            self._write({"op": "budget-dropped"})
             return
         if op == "report":
             self._cancel_report_soon()  # this one carries it
@@ -591,6 +706,8 @@ class SlotClient(asyncio.Protocol):
             "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
             "lists_calls": True,  # it answers "list-calls" and "end-call"
             "budgets": True,  # it grants from a budget during an exec ("budget")
+            # and from a standing one ("budget" with "standing")
+            **({"standing": True} if self.takes_standing else {}),
             "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
             **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
@@ -683,5 +800,11 @@ class SlotClient(asyncio.Protocol):
             if self._answers_timer is not None:
                 self._answers_timer.cancel()
                 self._answers_timer = None
+        if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
+            data = b"".join(self._held_lines) + data
+            self._held_lines = []
+            if self._held_timer is not None:
+                self._held_timer.cancel()
+                self._held_timer = None
         if data:
             transport.write(data)

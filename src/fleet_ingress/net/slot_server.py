@@ -20,6 +20,11 @@ to answer keeps its channel: what the previous table said it held stays
 counted (`HostSlots.reserve`) until its answer comes, however late, or its
 channel closes (then it is reclaimed like any worker gone).
 
+Standing budgets (`core.slot_budget`, `_review_standing`): while nobody waits
+in the queue, each worker that said "standing" is given slots reserved in the
+table to grant calls from itself, and they are taken back ("budget-end") when
+a call must wait or a budget's fleet can no longer be picked.
+
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
 asks every worker for a fresh one and waits (bounded) for the answers.
@@ -51,7 +56,7 @@ from fleet_ingress.core.host_slots import (
     WorkerRow,
 )
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
-from fleet_ingress.core.slot_budget import share
+from fleet_ingress.core.slot_budget import share, standing_share
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
 from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
@@ -88,6 +93,9 @@ BUDGET_FLEETS_MAX = 100
 # than one piece is never cut short. 32 KiB: below the piece on every kernel.
 _WHOLE_WRITE_MAX = 32 * 1024
 _REST_WAIT = 1.0
+# A worker given no standing budget (no fleet had room) is looked at again
+# this long after (seconds), or at the next `wake` (a probe, an admin change).
+STANDING_RETRY = 0.5
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
 
@@ -103,6 +111,8 @@ _WORKER_OPS = frozenset(
         "logged",
         "state",
         "report",
+        "budget-taken",
+        "budget-dropped",
     }
 )
 
@@ -176,6 +186,11 @@ class _Channel(asyncio.Protocol):
         # It grants calls from a budget while the supervisor re-executes
         # ("budgets" in its hello or state): an older worker is sent none.
         self.budgets = False
+        # It takes a standing grant budget ("standing" in its hello or state,
+        # `core.slot_budget`): an older worker is sent none.
+        self.standing = False
+        # When to look again at giving it one, none having been possible (loop time).
+        self.standing_retry_at = 0.0
         # It gives up the attempts on a fleet that went DOWN when told
         # ("fleet_down" in its hello or state): an older worker is sent none.
         self.hears_down = False
@@ -553,7 +568,16 @@ class SlotServer:
             and c.transport is not None
             and not c.transport.is_closing()
         ]
-        return share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
+        budgets = share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
+        # What is left of a worker's standing budget is its own already (reserved
+        # in this table, not in the free slots just shared): its exec budget,
+        # which replaces the standing one, carries it, so that the two are
+        # never both granted from and none of it goes unused over the exec.
+        for key in keys:
+            for name in self.slots.standing_left(key):
+                mine = budgets.setdefault(key, {})
+                mine[name] = mine.get(name, 0) + 1
+        return budgets
 
     def not_counted_yet(self, key: int) -> tuple[list[str] | None, list[str]]:
         """Of worker channel `key`, what the table does not count yet but a
@@ -906,6 +930,7 @@ class SlotServer:
     def wake(self) -> None:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
+        self._review_standing(fleets_changed=True)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -953,6 +978,7 @@ class SlotServer:
             channel.forgets = message.get("forgets") is True
             channel.lists_calls = message.get("lists_calls") is True
             channel.budgets = message.get("budgets") is True
+            channel.standing = message.get("standing") is True
             channel.hears_down = message.get("fleet_down") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
@@ -962,9 +988,16 @@ class SlotServer:
             )
             for hook in self.on_join:
                 hook(channel.key, pid, generation)
+            self._review_standing()
             return
         if op == "acquire":
             lease = field(message, "id", int)
+            if message.get("budget") is True and message.get("standing") is True:
+                # Granted by the worker from its standing budget: the host's grant.
+                self.slots.grant_standing(channel.key, lease, field(message, "fleet", str))
+                if isinstance(call := message.get("call"), dict):
+                    self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
+                return
             if message.get("budget") is True:
                 # Granted by the worker from its budget: read before its "state"
                 # (restoring, above), never here but from a confused worker.
@@ -987,6 +1020,7 @@ class SlotServer:
                 self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
             if answer is None:
                 self._arm()
+                self._review_standing()  # a call waits: budgets are taken back
             else:
                 self._send([answer])
         elif op == "release":
@@ -1007,6 +1041,12 @@ class SlotServer:
                     # lost with its worker is observed in the call-duration
                     # histogram ("101 to end") from it, not from its start.
                     call["answered_monotonic"] = at
+        elif op == "budget-taken":  # it has its standing budget: releases go back into it
+            self.slots.standing_taken(channel.key)
+        elif op == "budget-dropped":  # what was left of it is free (after its grants)
+            if message.get("declined") is True:  # it takes no new calls: none again
+                channel.standing = False
+            self._send(self.slots.drop_standing(channel.key))
         elif op == "logged":
             # The worker wrote that lease's call's access line, its slot still
             # held while its fleet side closes: no second line if it dies now.
@@ -1151,6 +1191,7 @@ class SlotServer:
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
         channel.budgets = message.get("budgets") is True
+        channel.standing = message.get("standing") is True
         channel.hears_down = message.get("fleet_down") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
@@ -1341,6 +1382,57 @@ class SlotServer:
             message["queued"] = answer.queued
             channel.send(message)
         self._arm()
+        self._review_standing()
+
+    def _review_standing(self, *, fleets_changed: bool = False) -> None:
+        """Standing budgets (`core.slot_budget`) after the table moved: taken
+        back ("budget-end") from the workers `HostSlots.end_standing` names (a
+        call waits; with `fleets_changed`, from `wake`, a budget's fleet that
+        cannot be picked); given, while nobody waits, to each worker that takes
+        them and holds none (one that got nothing, no fleet having room, is
+        tried again STANDING_RETRY later, or at the next `wake`: not at every
+        message, each look a pass over the fleets)."""
+        slots = self.slots
+        for key in slots.end_standing(fleets_changed=fleets_changed):
+            # Not to one being restored: its budget ended at "sync", and the
+            # table's copy ends with its "state" (`HostSlots.restore`).
+            if (channel := self._channels.get(key)) is not None and not channel.restoring:
+                channel.send({"op": "budget-end"})
+        if slots.queue_length or slots.paused:
+            return
+        takers = [
+            c
+            for c in self._channels.values()
+            if c.standing
+            and c.joined
+            and not c.restoring
+            and not c.drained
+            and c.transport is not None
+            and not c.transport.is_closing()
+        ]
+        now: float | None = None
+        for channel in takers:
+            row = slots.find_row(channel.key)
+            if row is None or row.standing is not None or row.channel_lost:
+                continue
+            if now is None:
+                now = channel.loop.time()
+            if not fleets_changed and now < channel.standing_retry_at:
+                continue
+            budget = standing_share(slots.balancer.fleets, len(takers), queue_length=0)
+            named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
+            fleets = slots.give_standing(channel.key, dict(named))
+            if not fleets:
+                channel.standing_retry_at = now + STANDING_RETRY
+                continue
+            # Each spec said (not kept in `sent_specs`: the worker makes its
+            # record of a fleet at its first grant there, and a grant by the
+            # supervisor before that must carry it).
+            entries = []
+            for f in fleets:
+                spec = spec_to_wire(row.standing_fleets[f.name].spec)
+                entries.append({"fleet": f.name, "slots": f.left, "active": f.active, "spec": spec})
+            channel.send({"op": "budget", "standing": True, "fleets": entries})
 
     @staticmethod
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:

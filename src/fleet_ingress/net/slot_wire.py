@@ -66,6 +66,28 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            said "fleet_down": true; an older
                                                            one waits for its timers as before
 
+    standing grant budgets (`core.slot_budget`; only with a worker whose hello or
+    state said "standing": true, docs/WORKERS.md "Standing budgets"):
+    coordinator -> worker   {"op": "budget", "standing": true,
+                             "fleets": [{"fleet": "a", "slots": 8, "active": 3,
+                                         "spec": {...}}, ...]}
+                                                           reserved for it while nobody waits:
+                                                           it grants calls from it at once
+    worker -> coordinator   {"op": "budget-taken"}         it has it: from here on a slot it
+                                                           gives back goes back into it (up to
+                                                           "slots"), on both ends
+    worker -> coordinator   {"op": "acquire", "id": 7, "budget": true, "standing": true,
+                             "fleet": "a", "call": {...}}  a call granted from it (the host's
+                                                           grant: `HostSlots.grant_standing`)
+    coordinator -> worker   {"op": "budget-end"}           a call waits (or a budget's fleet
+                                                           cannot be picked): give it back
+    worker -> coordinator   {"op": "budget-dropped"}       what was left of it is dropped,
+                                                           after every grant made from it
+                                                           ("declined": true: it takes no new
+                                                           calls, send it none again)
+    A release going back into the budget, and "logged", ride the worker's next
+    write (or go 0.2 s after): they free nothing for others.
+
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,

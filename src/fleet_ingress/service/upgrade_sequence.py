@@ -659,6 +659,11 @@ class UpgradeSequence:
             # A worker being asked what it holds after an exec has no row yet.
             return supervisor.server.not_counted_yet(key)[0]
 
+        def standing_left(key: int) -> list[str]:
+            if handover or supervisor.server.not_counted_yet(key)[1]:
+                return []
+            return supervisor.slots.standing_left(key)
+
         # A fleet an `add-fleet` is still bringing up (not in the fleets file
         # yet) is not one a supervisor started after a crash should serve: the
         # add is lost with the process that made it (its command says so).
@@ -787,7 +792,12 @@ class UpgradeSequence:
                     # ended a moment first.
                     "lost_confirmed": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
-                    "held": [f.name for f in rows[w.key].held.values()]
+                    # And what is left of its standing grant budget (it may grant
+                    # from it until it reads "sync"), counted as held until it says
+                    # what it holds: in a crash snapshot, unless the exec's budget
+                    # was sent, which carries it (`SlotServer.plan_budgets`), as
+                    # an exec's "budget" does.
+                    "held": [f.name for f in rows[w.key].held.values()] + standing_left(w.key)
                     if w.key in rows
                     else (held_before(w.key) or []),
                     # Of what it holds, the leases the fleets' capacity estimates

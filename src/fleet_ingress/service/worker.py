@@ -220,6 +220,8 @@ class Worker:
             self.drain = drain
         self.keep_pending = keep_pending
         self.ingress.stop_accepting(keep_pending=keep_pending)
+        # Its standing grant budget (if any) would hold slots it no longer uses.
+        self.client.decline_standing()
         self.stop.set()
 
     async def _reload(

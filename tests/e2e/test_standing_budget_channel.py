@@ -1,0 +1,147 @@
+"""Standing grant budgets over real slot channels (Unix socketpairs, one
+process) across the supervisor's exec: the exec's budget is shared from the
+slots the standing budgets leave, it replaces the worker's standing budget
+(never both), and what is left of a standing budget is counted as held over
+the exec. maxconn holds at every moment."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer, FleetState
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_server import SlotServer
+from tests.support import eventually
+
+
+def _server(maxconn: int) -> SlotServer:
+    specs = parse_fleets_text("https://a.test name=a\n", default_maxconn=maxconn)
+    fleets = FleetSet.from_specs(specs)
+    for fleet in fleets.fleets:
+        fleet.health = Health.UP
+    return SlotServer(HostSlots(Balancer(fleets), queue_timeout=5.0, max_queue=8))
+
+
+async def _standing_client(server: SlotServer, pid: int) -> tuple[int, SlotClient]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    key = await server.adopt(ours)
+    client = await SlotClient.connect(
+        sock=theirs, pid=pid, generation=1, answer_timeout=10, hello=False
+    )
+    client.takes_standing = True
+    client.say_hello()
+    return key, client
+
+
+def _taken(server: SlotServer, key: int) -> bool:
+    row = server.slots.get(key)
+    return row is not None and row.standing is not None and row.standing_taken
+
+
+async def test_an_exec_budget_comes_from_what_standing_ones_leave_and_replaces_them() -> None:
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    client: SlotClient | None = None
+    waiting: asyncio.Task | None = None
+    most = 0
+
+    def watch() -> None:
+        nonlocal most
+        most = max(most, fleet.active + fleet.standing)
+
+    try:
+        key, client = await _standing_client(server, 1001)
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 4  # 8 // (1 + 1)
+        held = await asyncio.wait_for(client.lease(), 1)  # granted from it, no round trip
+        assert held.queued_s == 0.0 and client._standing
+        await eventually(lambda: fleet.active == 1)
+        assert fleet.standing == 3
+        # The exec's budget is shared from the rest (8 - 1 - 3 = 4, not twice)
+        # and carries what is left of the standing one (3): one budget, 7.
+        assert server.slots.standing_left(key) == ["a", "a", "a"]
+        budgets = server.plan_budgets({key})
+        assert budgets == {key: {"a": 4 + 3}}
+        kept = server.handover(budgets)
+        await eventually(lambda: client._budget is not None and not client._standing)
+
+        # Nobody reads the channel: the exec's 7 are granted, and the next
+        # call waits (the standing budget, replaced, grants nothing more).
+        leases = [await asyncio.wait_for(client.lease(), 1) for _ in range(7)]
+        waiting = asyncio.create_task(client.lease())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+
+        await server.take_back(kept, timeout=5)  # the exec failed: "sync", "state"
+        watch()
+        assert fleet.active == 8 and fleet.standing == 0
+        assert not waiting.done()  # counted waiting, not granted past maxconn
+        assert client._budget is None  # "sync" ended it; none free to stand
+        held.release()
+        granted = await asyncio.wait_for(waiting, 2)
+        watch()
+        assert fleet.active == 8 and most <= 8
+        for lease in [granted, *leases]:
+            lease.release()
+        await eventually(lambda: fleet.active == 0)
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+        if client is not None:
+            client.close()
+        await server.close()
+    assert fleet.standing == 0 and fleet.active == 0  # its channel ended: given back
+
+
+async def test_a_worker_that_does_not_say_standing_gets_no_standing_budget() -> None:
+    """An older worker (or one with INGRESS_STANDING_BUDGETS unset) asks for
+    every slot, as before: nothing is reserved for it."""
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    key = await server.adopt(ours)
+    client = await SlotClient.connect(
+        sock=theirs, pid=1002, generation=1, answer_timeout=10, hello=False
+    )
+    try:
+        client.takes_standing = False
+        client.say_hello()
+        await eventually(lambda: server.slots.get(key) is not None)
+        lease = await asyncio.wait_for(client.lease(), 1)
+        assert fleet.active == 1  # asked: counted before it was granted
+        assert fleet.standing == 0 and server.slots.get(key).standing is None
+        lease.release()
+    finally:
+        client.close()
+        await server.close()
+
+
+async def test_a_worker_that_stops_taking_calls_gives_its_budget_back_and_gets_none_again() -> None:
+    """A worker draining (a stop, an old generation after an upgrade) would hold
+    slots nobody uses: it declines (`decline_standing`), also a budget sent
+    before the supervisor read that."""
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1003)
+    try:
+        await eventually(lambda: _taken(server, key))
+        lease = await asyncio.wait_for(client.lease(), 1)
+        client.decline_standing()
+        await eventually(lambda: fleet.standing == 0)
+        assert fleet.active == 1 and server.slots.get(key).standing is None
+        lease.release()  # the host's now: nothing goes back into a budget
+        await eventually(lambda: fleet.active == 0)
+        later = await asyncio.wait_for(client.lease(), 1)  # asked of the supervisor
+        assert fleet.active == 1 and fleet.standing == 0
+        later.release()
+        await eventually(lambda: fleet.active == 0)
+        await asyncio.sleep(0.1)
+        assert fleet.standing == 0 and server.slots.get(key).standing is None
+    finally:
+        client.close()
+        await server.close()

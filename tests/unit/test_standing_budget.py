@@ -1,0 +1,192 @@
+"""Standing grant budgets (`core.slot_budget.standing_share`, `HostSlots`'
+standing methods): the table's side, told as a worker's channel would tell it,
+pure logic, no sockets. The wire and real processes: tests/e2e/test_slot_workers.py
+and tests/e2e/test_standing_budget_channel.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer, FleetState
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import Granted, HostSlots, SlotProtocolError
+from fleet_ingress.core.slot_budget import Budget, BudgetFleet, free_slots, standing_share
+
+
+def _table(text: str) -> HostSlots:
+    fleets = FleetSet.from_specs(parse_fleets_text(text, default_maxconn=10))
+    return HostSlots(Balancer(fleets), queue_timeout=3.0, max_queue=8)
+
+
+def _fleet(slots: HostSlots, name: str) -> FleetState:
+    fleet = slots.balancer.get(name)
+    assert fleet is not None
+    return fleet
+
+
+def test_a_share_leaves_room_for_calls_asked_of_the_supervisor_and_none_while_one_waits() -> None:
+    slots = _table("https://a.test name=a maxconn=16\nhttps://b.test name=b maxconn=2\n")
+    a, b = slots.balancer.fleets
+    # Of each fleet's free slots, their share over the takers plus one.
+    assert standing_share([a, b], 1, queue_length=0) == {"a": 8, "b": 1}
+    assert standing_share([a, b], 2, queue_length=0) == {"a": 5}
+    assert standing_share([a, b], 1, queue_length=0, most=3) == {"a": 3, "b": 1}
+    assert standing_share([a, b], 1, queue_length=1) == {}  # FIFO: nobody overtakes it
+    a.admin = Admin.DRAIN
+    assert standing_share([a, b], 1, queue_length=0) == {"b": 1}
+
+
+def test_reserved_slots_count_against_maxconn_and_the_estimate_not_as_calls() -> None:
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.reported_available, a.opened_at_probe = 6, 0
+    slots.join("w1", pid=1, generation=1)
+    slots.join("w2", pid=2, generation=1)
+    assert [f.left for f in slots.give_standing("w1", {"a": 2})] == [2]
+    assert a.active == 0 and a.standing == 2  # stats show no call
+    assert a.estimated_available == 4  # a grant from it may be on its way: left out
+    assert free_slots(a) == 2
+    assert isinstance(slots.acquire("w2", 1, [], 0.0), Granted)
+    assert isinstance(slots.acquire("w2", 2, [], 0.0), Granted)
+    assert slots.acquire("w2", 3, [], 0.0) is None  # maxconn: 2 held + 2 reserved
+    assert a.active + a.standing == 4
+
+
+def test_grants_from_it_become_the_hosts_and_releases_go_back_up_to_its_size() -> None:
+    slots = _table("https://a.test name=a maxconn=10\n")
+    a = _fleet(slots, "a")
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 2})
+    # Released before the worker said it has it: the host's again, as the worker's.
+    assert isinstance(slots.acquire("w1", 1, [], 0.0), Granted)
+    slots.release("w1", 1)
+    assert a.active == 0 and a.standing == 2
+    slots.standing_taken("w1")
+    granted = slots.grant_standing("w1", 2, "a")
+    assert granted.fleet is a and a.active == 1 and a.standing == 1
+    row = slots.row("w1")
+    assert row.held == {2: a} and row.granted_total == 2 and a.opened_total == 2
+    assert a.pending == set()  # a worker that does not say its answers: nothing in flight
+    assert isinstance(slots.acquire("w1", 3, [], 0.0), Granted)  # beyond it: asked
+    assert a.active == 2
+    slots.release("w1", 2)  # back into it: reserved, nothing freed
+    assert a.active == 1 and a.standing == 2
+    slots.release("w1", 3)  # its budget is full (2 of 2): the host's
+    assert a.active == 0 and a.standing == 2
+    with pytest.raises(SlotProtocolError):
+        slots.grant_standing("w1", 4, "b")
+    slots.grant_standing("w1", 4, "a")
+    slots.grant_standing("w1", 5, "a")
+    with pytest.raises(SlotProtocolError):  # a third: it has two
+        slots.grant_standing("w1", 6, "a")
+    with pytest.raises(SlotProtocolError):
+        slots.give_standing("w1", {"a": 1})  # one at a time
+
+
+def test_a_call_that_must_wait_takes_every_budget_back_and_the_queue_gets_them_in_order() -> None:
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    for w in ("w1", "w2", "w3"):
+        slots.join(w, pid=len(w), generation=1)
+    slots.give_standing("w1", {"a": 1})
+    slots.give_standing("w2", {"a": 1})
+    slots.standing_taken("w1")
+    assert slots.end_standing() == []  # nobody waits
+    assert isinstance(slots.acquire("w3", 1, [], 0.0), Granted)
+    assert isinstance(slots.acquire("w3", 2, [], 0.0), Granted)
+    assert slots.acquire("w3", 3, [], 1.0) is None
+    assert slots.acquire("w3", 4, [], 2.0) is None
+    assert slots.end_standing() == ["w1", "w2"]
+    assert slots.end_standing() == []  # said once
+    # w1 granted one from it before it read "budget-end": it is its call.
+    slots.grant_standing("w1", 1, "a")
+    assert slots.drop_standing("w1") == []  # nothing left of it
+    answers = slots.drop_standing("w2")
+    assert [(g.worker, g.lease) for g in answers] == [("w3", 3)]  # the first in line
+    assert a.standing == 0 and a.active == 4 and slots.queue_length == 1
+    slots.release("w1", 1)  # no budget now: the next in line gets it
+    assert slots.queue_length == 0 and a.active == 4
+
+
+@pytest.mark.parametrize("change", ["maint", "down", "full", "maxconn lowered"])
+def test_a_budget_on_a_fleet_pick_would_not_choose_is_taken_back(change: str) -> None:
+    slots = _table("https://a.test name=a\nhttps://b.test name=b\n")
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 2, "b": 2})
+    b = _fleet(slots, "b")
+    b.reported_available, b.opened_at_probe = 6, 0
+    assert slots.end_standing() == []
+    if change == "maint":
+        b.admin = Admin.MAINT
+    elif change == "down":
+        b.health = Health.DOWN
+    elif change == "full":
+        b.reported_available = 2  # its two free workers are the budget's
+    else:
+        b.spec = dataclasses.replace(b.spec, maxconn=1)
+    assert slots.end_standing(fleets_changed=False) == []  # looked at on a wake only
+    assert slots.end_standing() == ["w1"]
+
+
+def test_a_worker_gone_gives_its_budget_back_at_once_kept_calls_or_not() -> None:
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    slots.join("w1", pid=1, generation=1)
+    slots.join("w2", pid=2, generation=1)
+    slots.give_standing("w1", {"a": 3})
+    slots.standing_taken("w1")
+    slots.grant_standing("w1", 1, "a")
+    assert slots.acquire("w2", 1, [], 0.0) is not None
+    assert slots.acquire("w2", 2, [], 0.0) is None  # 1 + 1 + 2 reserved
+    row, answers = slots.leave("w1", keep_held=True)  # its process runs on
+    assert row is not None and row.channel_lost and row.standing is None
+    assert [(g.worker, g.lease) for g in answers] == [] and slots.queue_length == 1
+    assert a.standing == 0 and a.active == 2
+    assert [(g.worker, g.lease) for g in slots.wake()] == [("w2", 2)]
+    _, answers = slots.release_kept("w1")
+    assert a.active == 2 and a.standing == 0
+
+
+def test_an_exec_that_failed_drops_the_suspended_budget_at_the_workers_state() -> None:
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    slots.join("w1", pid=1, generation=1, tells_answers=True)
+    slots.give_standing("w1", {"a": 2})
+    slots.standing_taken("w1")
+    slots.grant_standing("w1", 1, "a")
+    assert slots.standing_left("w1") == ["a"]  # carried over an exec as held
+    slots.suspend("w1")
+    assert a.active == 1 and a.standing == 1  # counted until it says
+    slots.restore("w1", pid=1, generation=1, held=[(1, "a")], waiting=[], now=0.0)
+    assert a.active == 1 and a.standing == 0 and slots.row("w1").standing is None
+
+
+def test_both_ends_keep_the_same_budget_whatever_the_order_of_grants_and_releases() -> None:
+    """The worker's `Budget` and the table's copy, fed the same stream."""
+    slots = _table("https://a.test name=a maxconn=50\nhttps://b.test name=b maxconn=50\n")
+    slots.join("w1", pid=1, generation=1)
+    sent = slots.give_standing("w1", {"a": 3, "b": 2})
+    slots.standing_taken("w1")
+    worker = Budget([BudgetFleet(f.name, f.left, f.active, f.most) for f in sent])
+    held: dict[int, str] = {}
+    for step in range(200):
+        if step % 3 != 2 and (name := worker.take()) is not None:
+            held[step] = name
+            slots.grant_standing("w1", step, name)
+        elif step % 3 != 2:
+            assert slots.acquire("w1", step, [], 0.0) is not None  # asked of the supervisor
+            held[step] = slots.row("w1").held[step].name
+        elif held:
+            lease = min(held)
+            worker.give_back(held.pop(lease))
+            slots.release("w1", lease)
+        row = slots.row("w1")
+        assert row.standing is not None and row.standing.slots() == worker.slots()
+        for fleet in slots.balancer.fleets:
+            assert fleet.standing == worker.slots()[fleet.name]
+            assert fleet.active == sum(1 for n in held.values() if n == fleet.name)
