@@ -18,7 +18,7 @@ from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.net import event_loop
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
+from tests.support import NetLab, RunHomes, StartIngress, TLSFiles, netns_unavailable
 
 
 # sun_path holds 107 bytes. Tests bind their sockets in tmp_path, which is
@@ -82,6 +82,14 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     if item.get_closest_marker("uvloop_only"):
         return {"uvloop": event_loop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": event_loop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _run_homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test's `fleet-ingress run` homes (support.run_home) made under
+    pytest's base temp, and removed at its teardown whatever ended it."""
+    with RunHomes.of_one_test(tmp_path_factory.getbasetemp()):
+        yield
 
 
 @pytest.fixture(scope="session")

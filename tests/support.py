@@ -25,7 +25,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -830,6 +830,65 @@ def write_leaf_cert(
     return f"{serial:X}".lstrip("0")
 
 
+class RunHomes:
+    """The homes `fleet-ingress run` is started in by the tests (`run_home`):
+    made under pytest's base temp for the run (which pytest prunes, the last
+    three runs kept, so even a run killed outright leaves none for good), and
+    each one a test made removed at its teardown (conftest's autouse fixture),
+    with any process still running from it: a test that failed, or was timed
+    out (pytest-timeout's signal method), before its `finish` left both, as
+    /tmp/fi-run-* homes did (the review of session 42)."""
+
+    base: Path | None = None  # None: outside pytest's fixtures, the system's temp dir
+    made: list[Path] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def of_one_test(cls, base: Path) -> Iterator[None]:
+        """The homes made meanwhile go under `base`, and are removed after."""
+        prior = cls.base, cls.made
+        cls.base, cls.made = base, []
+        try:
+            yield
+        finally:
+            made = cls.made
+            cls.base, cls.made = prior
+            for home in made:
+                remove_run_home(home)
+
+
+def run_home() -> Path:
+    """A new, empty home for `fleet-ingress run` (0700)."""
+    import tempfile
+
+    if RunHomes.base is None:
+        return Path(tempfile.mkdtemp(prefix="fi-run-"))
+    home = Path(tempfile.mkdtemp(prefix="run-", dir=RunHomes.base))
+    RunHomes.made.append(home)
+    return home
+
+
+def remove_run_home(home: Path) -> None:
+    """`home` removed, and first every process started with its config (a
+    supervisor, its workers) killed: what `RunningIngress.finish` does, for a
+    test that never got to call it. Only this home's: its path is its own."""
+    if not home.exists():
+        return
+    # Until three looks in a row find none (2 s at most): a process caught in
+    # its exec has an empty command line for a moment (13 looks of 20 right
+    # after Popen returned, on this loaded host), and a supervisor may start a
+    # worker just before it is killed.
+    quiet, deadline = 0, time.monotonic() + 2
+    while quiet < 3 and time.monotonic() < deadline:
+        found = started_from(home)
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        quiet = 0 if found else quiet + 1
+        time.sleep(0.02)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 async def write_run_home(
     tls_files: TLSFiles,
     home: Path,
@@ -1000,10 +1059,8 @@ class RunningIngress(IngressOnLoopback):
         """`stderr`: a descriptor for its stderr instead of home/stderr.log
         (`log()` then reads nothing); `preexec_fn`: run in the child before
         the exec (e.g. to join a cgroup, as systemd starts it in the unit's)."""
-        import tempfile
-
         for attempt in range(PORT_TAKEN_ATTEMPTS):
-            home = Path(tempfile.mkdtemp(prefix="fi-run-"))
+            home = run_home()
             port, stats_port = await write_run_home(
                 tls_files,
                 home,
@@ -1110,6 +1167,12 @@ async def fleets_up_or_finished(service: RunningIngress) -> RunningIngress:
 
 def workers_of(home: Path) -> list[int]:
     """Pids of the workers started with the config in `home`."""
+    return started_from(home, b"worker")
+
+
+def started_from(home: Path, word: bytes | None = None) -> list[int]:
+    """Pids of the processes whose command line names a path in `home` (and
+    has `word` as one of its words, where given)."""
     found = []
     mark = str(home).encode()
     for entry in Path("/proc").iterdir():
@@ -1119,8 +1182,9 @@ def workers_of(home: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker" in cmdline and any(mark in part for part in cmdline):
-            found.append(int(entry.name))
+        if (word is None or word in cmdline) and any(mark in part for part in cmdline):
+            if int(entry.name) != os.getpid():
+                found.append(int(entry.name))
     return found
 
 

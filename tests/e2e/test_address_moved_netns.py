@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -79,7 +78,6 @@ class Lab:
 
 @contextlib.asynccontextmanager
 async def running_lab(netlab: NetLab, tls_files: TLSFiles, tmp_path: Path) -> AsyncIterator[Lab]:
-    netlab.prefix = f"vip37-{os.getpid()}"
     ns = {role: netlab.namespace(role) for role in ("ingress", "carrier", "a")}
     netlab.link(ns["ingress"], "to-carrier", f"{OWN}/26", ns["carrier"], "eth0", "192.0.2.1/26")
     for address in (SHARED, OTHER):

@@ -17,7 +17,6 @@ import signal
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from tests.support import (
     fleets_up_or_finished,
     free_ports,
     masked_close,
+    run_home,
     stopped_together,
     until_asked,
     until_stopped,
@@ -95,7 +95,7 @@ async def _start(
     (`_step`). `fleet_url`: where the fleet is reached (a door before it).
     `acme`: the :80 listener's port on 127.0.0.1, and certbot's (acme.upstream).
     `others`: fleets listed after it (named by their sim's name)."""
-    home = Path(tempfile.mkdtemp(prefix="fi-run-"))
+    home = run_home()
     port, stats_port = await write_run_home(
         tls_files,
         home,

@@ -387,7 +387,6 @@ async def test_remove_fleet_s_add_again_adds_a_zoned_fleet_again(
     The fleet's own name is left out, as the fleets file leaves it out."""
     import shlex
 
-    netlab.prefix = f"review33c{os.getpid()}"
     ns = netlab.namespace("again")
     netlab.ip("-n", ns, "addr", "add", "fe80::1/64", "dev", "lo", "nodad")
 

@@ -19,7 +19,6 @@ import ssl
 import stat as stat_module
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,6 +47,7 @@ from tests.support import (
     metric_samples,
     offer_session,
     process_state,
+    run_home,
     until_asked,
     until_stopped,
     worker_channel_copy,
@@ -1098,7 +1098,7 @@ async def test_replacement_workers_serve_port_80_as_bound_at_start_whatever_a_re
     placeholder = None if bound_at_start else socket.socket()
     if placeholder is not None:
         placeholder.bind(("127.0.0.1", acme_port))
-    home = Path(tempfile.mkdtemp(prefix="fi-run-"))
+    home = run_home()
     port, stats_port = await write_run_home(
         tls_files, home, _lines(two_fleets), workers=2, check_timeout=5
     )

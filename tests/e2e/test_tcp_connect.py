@@ -190,13 +190,13 @@ def _hung_resolver_namespace() -> Iterator[str]:
     import shutil
     import subprocess
 
-    from tests.support import netns_unavailable
+    from tests.support import netns_prefix, netns_unavailable
 
     if (why := netns_unavailable()) is not None:
         if os.environ.get("CI"):
             pytest.fail(f"CI=true: {why}; CI must run this test", pytrace=False)
         pytest.skip(why)
-    name = f"fi{os.getpid()}-dns"
+    name = f"{netns_prefix()}{os.getpid()}-dns"
     etc = Path("/etc/netns") / name
     made_parent = not etc.parent.exists()
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)

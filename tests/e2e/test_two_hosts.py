@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import glob
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import trustme
 
 from fleet_ingress.config.init_deploy import add_init_arguments, keepalived_binary, main_init
 from fleet_ingress.core.address_watch import CHECK_PERIOD
+from tests.support import netns_prefix
 
 ROLES = Path(__file__).resolve().parent / "netns_roles.py"
 VIP, PREFIX = "192.0.2.10", 24
@@ -66,7 +68,18 @@ HOLD = 6.0
 HELD = 4
 ENDED_BUDGET = 5.0
 LIFETIME = 150  # no helper process outlives this, whatever happens to the test
-NS_PREFIX = "fik"  # fleet-ingress keepalived test
+
+
+def _lab_prefix() -> str:
+    """What this test's namespaces and its home in /tmp are named with, before
+    the pid: the run's prefix (FI_TEST_NETNS_PREFIX, else "fi") and "k" (the
+    keepalived test), so two runs on one machine given prefixes of their own
+    neither collide nor sweep each other's."""
+    return f"{netns_prefix()}k"
+
+
+def _lab_tag() -> str:
+    return f"{_lab_prefix()}{os.getpid()}"
 
 
 def _require(what: str, ok: bool) -> None:
@@ -78,7 +91,7 @@ def _require(what: str, ok: bool) -> None:
 
 
 def _ip_netns_works() -> bool:
-    name = f"{NS_PREFIX}{os.getpid()}-probe"
+    name = f"{_lab_tag()}-probe"
     try:
         added = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -101,12 +114,21 @@ def _run(*argv: str) -> str:
     return done.stdout
 
 
+def _stale(name: str) -> bool:
+    """`name` is this test's (its prefix, then a pid) and its pytest is gone."""
+    match = re.match(rf"{re.escape(_lab_prefix())}(\d+)-", name)
+    return match is not None and not Path(f"/proc/{match.group(1)}").exists()
+
+
 def _sweep_stale() -> None:
-    """Namespaces left by an earlier run of this test that was killed outright."""
+    """Namespaces and homes left by an earlier run of this test that was killed
+    outright (the fixture's finally never ran); a live run's are left alone."""
     for line in _run("ip", "netns", "list").splitlines():
-        match = re.match(rf"({NS_PREFIX}(\d+)-\S+)", line)
-        if match and not Path(f"/proc/{match.group(2)}").exists():
-            _delete_namespace(match.group(1))
+        if line.split() and _stale(name := line.split()[0]):
+            _delete_namespace(name)
+    for home in Path("/tmp").glob(f"{glob.escape(_lab_prefix())}*-*"):
+        if home.is_dir() and not home.is_symlink() and _stale(home.name):
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def _delete_namespace(name: str) -> None:
@@ -139,7 +161,7 @@ class Lab:
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        tag = f"{NS_PREFIX}{os.getpid()}"
+        tag = _lab_tag()
         self.ns = {role: f"{tag}-{role}" for role in ("lan", "a", "b", "fleets", "carrier")}
         self.procs: list[Proc] = []
         self.created: list[str] = []
@@ -351,7 +373,9 @@ def lab() -> Iterator[Lab]:
     _require("keepalived is not installed (apt-get install keepalived)", bool(keepalived_binary()))
     _sweep_stale()
     # World-readable (0755): keepalived's script user reads the configuration.
-    home = Path(tempfile.mkdtemp(prefix="fik-", dir="/tmp"))
+    # Not under tmp_path: its parents are 0700, and keepalived's script user
+    # reads the configuration. Removed below, or by a later run's sweep.
+    home = Path(tempfile.mkdtemp(prefix=f"{_lab_tag()}-", dir="/tmp"))
     home.chmod(0o755)
     lab = Lab(home)
     try:

@@ -700,6 +700,10 @@ async def test_a_bad_close_frame_is_passed_untouched_both_ways(
 # -- 5. a carrier gone without a FIN while the bot talks ----------------------------------
 
 
+# The carrier socket's TCP user timeout, seconds (the default's 20 s made this test 24 s).
+CARRIER_USER_TIMEOUT = 5.0
+
+
 @pytest.mark.uvloop_only
 @pytest.mark.timeout(120)
 async def test_a_carrier_gone_while_the_bot_talks_is_found_by_the_user_timeout(
@@ -707,10 +711,11 @@ async def test_a_carrier_gone_while_the_bot_talks_is_found_by_the_user_timeout(
 ) -> None:
     """The carrier's packets dropped both ways (nft, no FIN, no RST) while the
     bot sends 160-byte frames every 20 ms: the call ends at the carrier
-    socket's TCP user timeout (20 s by default, SPEC 3 and RELIABILITY's dead
-    peers table), the bot is told (a close frame, then the TLS close), and
-    the fleet's slot is free."""
-    netlab.prefix = f"ws37-{os.getpid()}"
+    socket's TCP user timeout (timeouts.tcp_user_timeout, 20 s by default,
+    SPEC 3 and RELIABILITY's dead peers table; here 5 s, as in
+    test_dead_peers_netns), the bot is told (a close frame, then the TLS
+    close), and the fleet's slot is free. Keepalive (10 s idle) and carrier
+    silence (30 s) are left at their defaults: neither could end it first."""
     ns = {role: netlab.namespace(role) for role in ("in", "car", "fl")}
     netlab.link(ns["in"], "to-car", "192.0.2.2/30", ns["car"], "eth0", "192.0.2.1/30")
     netlab.link(ns["in"], "to-fl", "192.0.2.5/30", ns["fl"], "eth0", "192.0.2.6/30")
@@ -748,6 +753,7 @@ async def test_a_carrier_gone_while_the_bot_talks_is_found_by_the_user_timeout(
         f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
         f'[fleets]\nfile = "fleets.txt"\nca_file = "{tls_files.ca_pem}"\n'
         "[process]\nworkers = 1\n"
+        f"[timeouts]\ntcp_user_timeout = {CARRIER_USER_TIMEOUT}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
     proc = await asyncio.create_subprocess_exec(
@@ -800,8 +806,14 @@ async def test_a_carrier_gone_while_the_bot_talks_is_found_by_the_user_timeout(
         stats = json.loads(await netlab.http_get(ns["in"], "127.0.0.1", 8404, "/stats.json"))
         assert stats["frontend"]["active_calls"] == 0
         assert [f["active"] for f in stats["fleets"]] == [0]  # the fleet's slot is free
-        assert 15 < found < 30
+        # Not before the user timeout; well before keepalive (10 s idle, then
+        # probes) or carrier silence (30 s) could: 10 s for a loaded host.
+        assert CARRIER_USER_TIMEOUT - 0.5 < found < CARRIER_USER_TIMEOUT + 10, found
         assert line["end_reason"] == "carrier_lost"
+        assert line["detail"] == (
+            "carrier: TCP user timeout: what was sent to it went unacknowledged "
+            f"for {CARRIER_USER_TIMEOUT:g}s (timeouts.tcp_user_timeout)"
+        )
         assert bot["rcvd"] is not None and bot["rcvd"].code == 1001  # type: ignore[attr-defined]
     finally:
         if proc.returncode is None:
