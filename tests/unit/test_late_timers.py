@@ -97,11 +97,20 @@ async def test_a_timer_due_at_once_fires():
     PatientTimer(loop, 0.0, fired.append, "now")
     PatientTimer(loop, -0.01, fired.append, "past")
     PatientTimer(loop, 0.0003, fired.append, "sub-tick")
-    await asyncio.sleep(0.01)
+    # Waited for, not slept on: a loaded host that holds this loop past STALL
+    # makes them late, and a late timer is put off once (AFTER_STALL).
+    await _fired(fired, 3)
     assert errors == [] and sorted(fired) == ["now", "past", "sub-tick"]
     PatientTimer(loop, -1.0, fired.append, "long past")  # late by over STALL: put off once
-    await asyncio.sleep(AFTER_STALL * 3)
+    await _fired(fired, 4)
     assert errors == [] and "long past" in fired
+
+
+async def _fired(fired: list[str], count: int, within: float = 5.0) -> None:
+    """Until `fired` holds `count` names, `within` seconds at most."""
+    deadline = asyncio.get_running_loop().time() + within
+    while len(fired) < count and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 async def test_a_patient_timeout_late_lets_what_came_meanwhile_in_first():
