@@ -61,6 +61,24 @@ async def push(port: int, tls: TLSFiles, calls: int, wave: int, messages: int) -
     return rec
 
 
+def warm_then_push(
+    port: int, tls: TLSFiles, calls: int, args: argparse.Namespace, deadline: float
+) -> float:
+    """Once the counted process listens (by `deadline`): WARMUP calls one by
+    one, then `calls` counted ones (`--wave`, `--messages`), all by `deadline`.
+    Returns the counted calls' seconds."""
+    wait_port(port, deadline)
+    asyncio.run(push(port, tls, WARMUP, 1, args.messages))
+    t0 = time.monotonic()
+    asyncio.run(
+        asyncio.wait_for(
+            push(port, tls, calls, args.wave, args.messages),
+            max(1.0, deadline - time.monotonic()),
+        )
+    )
+    return time.monotonic() - t0
+
+
 def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
     """One run under callgrind with ``calls`` counted calls; the callgrind file."""
     work = fresh_dir(out / f"n{calls}")
@@ -95,16 +113,8 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
             counted = [sys.executable, str(one_process), "-c", str(config)]
         proc = launched.start([*counter, *counted])
         deadline = time.monotonic() + args.max_seconds
-        wait_port(port, deadline)
-        asyncio.run(push(port, tls, WARMUP, 1, args.messages))
-        t0 = time.monotonic()
-        asyncio.run(
-            asyncio.wait_for(
-                push(port, tls, calls, args.wave, args.messages),
-                max(1.0, deadline - time.monotonic()),
-            )
-        )
-        log(f"n={calls}: {calls} calls in {time.monotonic() - t0:.0f} s under {args.counter}")
+        took = warm_then_push(port, tls, calls, args, deadline)
+        log(f"n={calls}: {calls} calls in {took:.0f} s under {args.counter}")
         stop_counted(proc, args.counter)
         proc.wait(timeout=120)
         return cg

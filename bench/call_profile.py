@@ -27,7 +27,6 @@ each run's raw stats stay in ``DIR/nN/ingress.prof`` (``python -m pstats``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import json
 import os
@@ -40,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.call_instructions import WARMUP, push
+from bench.call_instructions import warm_then_push
 from bench.harness.children import free_port, log
-from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
+from bench.harness.launch import Launched, fresh_dir, variant_env
 from bench.harness.targets import Settings, render_ingress
 from bench.harness.tlsfiles import TLSFiles
 
@@ -180,16 +179,8 @@ def profile_run(calls: int, out: Path, args: argparse.Namespace) -> Path:
             [sys.executable, "-m", "bench.call_profile", "--serve", str(config), str(stats)]
         )
         deadline = time.monotonic() + args.max_seconds
-        wait_port(port, deadline)
-        asyncio.run(push(port, tls, WARMUP, 1, args.messages))
-        t0 = time.monotonic()
-        asyncio.run(
-            asyncio.wait_for(
-                push(port, tls, calls, args.wave, args.messages),
-                max(1.0, deadline - time.monotonic()),
-            )
-        )
-        log(f"n={calls}: {calls} calls in {time.monotonic() - t0:.0f} s under cProfile")
+        took = warm_then_push(port, tls, calls, args, deadline)
+        log(f"n={calls}: {calls} calls in {took:.0f} s under cProfile")
         Launched.stop(proc)
     if not stats.exists():
         raise RuntimeError(f"the ingress wrote no profile: see {work}/stderr.log")
