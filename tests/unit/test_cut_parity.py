@@ -150,3 +150,35 @@ def test_a_worker_of_a_release_before_closing_calls_is_named_not_counted_as_none
     table = format_calls_table(listing)
     named = [line for line in table.splitlines() if "closing calls of worker" in line]
     assert len(named) == 1 and "101" in named[0] and "202" not in named[0], table
+
+
+class _ClosingCarrier(_Carrier):
+    aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+def test_end_call_of_a_call_closing_answers_its_closing_row_and_cuts_it():
+    """`end-call` of a call ended whose sides are still closing answers the
+    row `calls` lists it with (how long closing, the end_reason its line
+    says, no quiet: not watched any more), `closing` and `aborted`, and cuts
+    its sides at once."""
+    from fleet_ingress.core.call_machine import CallMachine, EndReason, State
+    from fleet_ingress.net.calls import Registry, end_call
+
+    async def ending() -> tuple[dict[str, Any] | None, Call]:
+        registry = Registry()
+        machine = CallMachine(None, State.CLOSING)  # type: ignore[arg-type]  # rules not read
+        machine.end_reason = EndReason.CARRIER_CLOSED
+        call = Call(_ClosingCarrier(), "192.0.2.2", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+        registry.add_call(call)
+        assert registry.remove_call(call)
+        call.ended_mono = call.started_mono
+        return await end_call(registry, call.id, "stuck", 4242, 2), call
+
+    row, call = asyncio.run(ending())
+    assert row is not None and row["closing"] is True and row["aborted"] is True
+    assert row["end_reason"] == "carrier closed" and row["closing_s"] is not None
+    assert row["carrier_quiet_s"] is None and row["fleet_quiet_s"] is None
+    assert call.carrier.aborted == 1  # type: ignore[attr-defined]
