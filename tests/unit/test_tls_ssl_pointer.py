@@ -60,3 +60,31 @@ def test_no_ssl_is_read_when_the_probe_s_does_not_name_its_context(
         assert tls_socket._openssl_ssl(_client(ctx)) is None  # type: ignore[arg-type]
     finally:
         _forget_the_check()
+
+
+def test_no_ssl_is_read_and_nothing_raised_when_the_probe_cannot_be_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe is the process's first TLS connection's work: an SSL this
+    OpenSSL will not make for it (an SSLError) leaves the connection without
+    OpenSSL's SSL (as another CPython's layout does), asked once, and raises
+    nothing (it raised out of every TLSConnection: the review of session 43)."""
+    if tls_socket._libssl() is None:
+        pytest.skip("no OpenSSL calls to be had here")
+    real = ssl.SSLContext.wrap_bio
+    probes: list[object] = []
+
+    def refusing_the_probe(self: ssl.SSLContext, *args: object, **kw: object) -> ssl.SSLObject:
+        if kw.get("server_hostname") is None:  # the probe's (a client, no name)
+            probes.append(self)
+            raise ssl.SSLError("injected: no SSL for the probe")
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "wrap_bio", refusing_the_probe)
+    _forget_the_check()
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        said = [tls_socket._openssl_ssl(_client(ctx)) for _ in range(3)]  # type: ignore[arg-type]
+    finally:
+        _forget_the_check()
+    assert said == [None, None, None] and len(probes) == 1

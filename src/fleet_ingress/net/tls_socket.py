@@ -1365,9 +1365,12 @@ def _ssl_offset() -> int | None:
     if calls is None:
         return None
     head = object.__basicsize__
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
     try:
+        # The probe made in here: a context or SSL this OpenSSL will not make
+        # (its configuration, its memory) is no SSL to be had (None, kept), not
+        # an error out of every TLSConnection (functools.cache keeps none).
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
         pointer = ctypes.c_void_p.from_address(id(probe._sslobj) + head + 8).value  # type: ignore[attr-defined]
         ctx_pointer = ctypes.c_void_p.from_address(id(ctx) + head).value
         if not pointer or calls.get_ctx(pointer) != ctx_pointer:

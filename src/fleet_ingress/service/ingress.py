@@ -441,10 +441,13 @@ class Ingress:
         """`fleet-ingress calls` of an ingress run as one process (generation 1)."""
         pid = os.getpid()
         rows: list[dict[str, Any]] = []
-        async for part in list_calls_in_turns(self.registry, wanted, pid, 1):
+        shown: set[int] = set()  # a call shown live is not shown closing too
+        async for part in list_calls_in_turns(self.registry, wanted, pid, 1, shown_live=shown):
             rows.extend(part)
         closing: list[dict[str, Any]] = []
-        async for part in list_calls_in_turns(self.registry, wanted, pid, 1, closing=True):
+        async for part in list_calls_in_turns(
+            self.registry, wanted, pid, 1, closing=True, shown_live=shown
+        ):
             closing.extend(part)
         return {
             "calls": oldest_first(rows),

@@ -301,10 +301,15 @@ class Worker:
         release before it)."""
         pid, generation = os.getpid(), self.client.generation
         registry = self.ingress.registry
+        shown: set[int] = set()  # a call shown live is not shown closing too
         try:
-            async for rows in list_calls_in_turns(registry, wanted, pid, generation):
+            async for rows in list_calls_in_turns(
+                registry, wanted, pid, generation, shown_live=shown
+            ):
                 self.client.send({"op": "calls-listed", "id": ask, "calls": rows, "more": True})
-            async for rows in list_calls_in_turns(registry, wanted, pid, generation, closing=True):
+            async for rows in list_calls_in_turns(
+                registry, wanted, pid, generation, closing=True, shown_live=shown
+            ):
                 self.client.send(
                     {"op": "calls-listed", "id": ask, "calls": [], "closing": rows, "more": True}
                 )
