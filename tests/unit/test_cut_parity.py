@@ -225,3 +225,32 @@ def test_a_call_listed_live_that_ends_during_the_listing_is_not_listed_closing_t
     closing = [row["call_id"] for part in parts for row in part.get("closing", [])]
     assert len(live) == 3 and parts[-1]["more"] is False
     assert sorted(live + closing) == sorted(call.id for call in made)  # each once
+
+
+def test_an_ingress_run_as_one_process_lists_its_closing_calls_apart_and_counts_them():
+    """`Ingress.list_calls` (the one-process ingress, generation 1) answers as a
+    worker does: live calls in `calls`, calls ended and still closing in
+    `closing`, each once, and its row counts both (review43b: no test looked)."""
+    from fleet_ingress.core.call_machine import CallMachine, EndReason, State
+    from fleet_ingress.net.calls import Registry
+    from fleet_ingress.service.ingress import Ingress
+
+    registry = Registry()
+    made = []
+    for _ in range(3):
+        machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]  # rules not read
+        call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+        registry.add_call(call)
+        made.append(call)
+    ended = made[0]
+    assert ended.machine is not None
+    ended.machine.end_reason = EndReason.CARRIER_CLOSED
+    assert registry.remove_call(ended)  # ended, its sides still closing
+
+    ingress = SimpleNamespace(registry=registry)
+    answer = asyncio.run(Ingress.list_calls(ingress, CallFilter()))  # type: ignore[arg-type]
+    assert sorted(row["call_id"] for row in answer["calls"]) == sorted(c.id for c in made[1:])
+    assert [row["call_id"] for row in answer["closing"]] == [ended.id]
+    assert answer["closing"][0]["end_reason"] == "carrier closed"
+    (row,) = answer["workers"]
+    assert (row["generation"], row["calls"], row["closing"]) == (1, 2, 1)
