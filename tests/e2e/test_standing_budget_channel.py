@@ -145,3 +145,40 @@ async def test_a_worker_that_stops_taking_calls_gives_its_budget_back_and_gets_n
     finally:
         client.close()
         await server.close()
+
+
+async def test_an_exec_budget_carries_no_standing_slot_granted_unread() -> None:
+    """A call the worker granted from its standing budget just before the
+    hand-over, its "acquire" not read yet when the exec's budget was planned:
+    the table's copy of the standing rest still counts that slot, so the
+    exec's budget names it again. The worker keeps of the carried part only
+    what its own budget has left: never a slot twice (maxconn 8, not 9)."""
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    client: SlotClient | None = None
+    leases = []
+    try:
+        key, client = await _standing_client(server, 1004)
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 4  # 8 // (1 + 1)
+        # Granted from the standing budget, its "acquire" written but not read
+        # (no loop turn between it and the plan, as at an upgrade).
+        leases.append(await client.lease())
+        assert server.slots.standing_left(key) == ["a"] * 4  # unread: still 4
+        budgets = server.plan_budgets({key})
+        assert budgets == {key: {"a": 4 + 4}}  # 8 - 4 reserved = 4 free, shared 4
+        kept = server.handover(budgets)
+        await eventually(lambda: client._budget is not None and not client._standing)
+        # 1 held: 7 more at most, from the exec's budget.
+        assert client._budget.left == 7
+        leases += [await asyncio.wait_for(client.lease(), 1) for _ in range(7)]
+        assert client._budget.left == 0
+        await server.take_back(kept, timeout=5)  # "sync", "state": the truth
+        await eventually(lambda: fleet.active == 8)
+        assert fleet.active + fleet.standing <= 8
+    finally:
+        for lease in leases:
+            lease.release()
+        if client is not None:
+            client.close()
+        await server.close()

@@ -100,6 +100,14 @@ STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
 HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 
 
+def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
+    """Of an exec budget's fleet `entry`, the slots of the standing rest it
+    carries ("standing") that this worker's standing budget (`own`, fleet ->
+    slots left) no longer has: granted since the supervisor last read it."""
+    carried = int(entry.get("standing", 0))
+    return max(0, carried - own.get(str(entry["fleet"]), 0))
+
+
 def _no_answer(future: asyncio.Future[FleetState]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -358,11 +366,17 @@ class SlotClient(asyncio.Protocol):
             # is freed by this answer.
             self._write({"op": "budget-dropped"})
             return
+        # An exec's budget carries the rest of this worker's standing one as the
+        # supervisor last read it ("standing" per fleet): a call granted from it
+        # since, its "acquire" not read before the plan, is still counted there.
+        # Of that part only what this end's copy has left is kept (none when it
+        # has dropped its standing budget): else that slot is granted twice.
+        own = self._budget.slots() if self._standing and self._budget is not None else {}
         try:
             fleets = [
                 BudgetFleet(
                     str(f["fleet"]),
-                    int(f["slots"]),
+                    int(f["slots"]) - _not_ours(f, own),
                     int(f["active"]),
                     int(f["slots"]) if standing else None,
                 )
