@@ -182,3 +182,30 @@ async def test_an_exec_budget_carries_no_standing_slot_granted_unread() -> None:
         if client is not None:
             client.close()
         await server.close()
+
+
+async def test_a_slot_released_into_the_budget_and_granted_again_is_read_in_that_order() -> None:
+    """A release that goes back into the standing budget waits for the next
+    write; a call granted from that slot at once is that write. The release
+    must be read first: else the table's copy has no slot left for the grant
+    (a protocol error, the channel closed, the worker's calls lost)."""
+    server = _server(maxconn=2)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1005)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 1  # 2 // (1 + 1)
+        first = await client.lease()  # the budget's one slot
+        await eventually(lambda: fleet.active == 1 and fleet.standing == 0)
+        first.release()  # back into the budget: told with the next write
+        again = await client.lease()  # granted from it at once: that write
+        await eventually(lambda: fleet.active == 1 and server.slots.get(key).standing_taken)
+        await asyncio.sleep(0.3)  # past ANSWERS_FLUSH: nothing else to read
+        assert client.connected and server.slots.get(key) is not None
+        assert fleet.active == 1 and fleet.standing == 0
+        assert server.slots.get(key).standing.slots() == {"a": 0}
+        again.release()
+        await eventually(lambda: fleet.active == 0 and fleet.standing == 1)
+    finally:
+        client.close()
+        await server.close()
