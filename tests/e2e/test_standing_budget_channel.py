@@ -7,6 +7,7 @@ the exec. maxconn holds at every moment."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
@@ -206,6 +207,37 @@ async def test_a_slot_released_into_the_budget_and_granted_again_is_read_in_that
         assert server.slots.get(key).standing.slots() == {"a": 0}
         again.release()
         await eventually(lambda: fleet.active == 0 and fleet.standing == 1)
+    finally:
+        client.close()
+        await server.close()
+
+
+async def test_a_call_given_up_as_its_grant_comes_leaves_both_budgets_equal() -> None:
+    """A worker whose standing budget is spent asks the supervisor; the call
+    gives up as the grant is on its way, and its release goes back into the
+    table's copy of the budget (the lease was held there). The worker's copy
+    takes that slot back as the late grant comes: else the table keeps a slot
+    reserved that the worker never grants from (both copies equal, maxconn 4)."""
+    server = _server(maxconn=4)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1006)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 2  # 4 // (1 + 1)
+        spent = [await client.lease(), await client.lease()]
+        await eventually(lambda: fleet.active == 2 and fleet.standing == 0)
+        asking = asyncio.create_task(client.lease())  # asked of the supervisor
+        await asyncio.sleep(0)  # its "acquire" written
+        asking.cancel()  # given up before the grant is read: released
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await eventually(lambda: fleet.active == 2 and fleet.standing == 1)
+        await eventually(lambda: client._budget is not None and client._budget.left == 1)
+        assert server.slots.get(key).standing.slots() == client._budget.slots() == {"a": 1}
+        for lease in spent:
+            lease.release()
+        await eventually(lambda: fleet.active == 0 and fleet.standing == 2)
+        assert server.slots.get(key).standing.slots() == client._budget.slots() == {"a": 2}
     finally:
         client.close()
         await server.close()

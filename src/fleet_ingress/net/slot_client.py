@@ -255,6 +255,11 @@ class SlotClient(asyncio.Protocol):
         self.takes_standing = STANDING_BUDGETS
         self._held_lines: list[bytes] = []
         self._held_timer: asyncio.TimerHandle | None = None
+        # Leases given up unanswered while a standing budget stood: should the
+        # grant come after all, the supervisor held it when it read the release
+        # and gave that slot back into its copy of the budget; ours takes it
+        # back too then (`_handle`, "granted"). Cleared as the budget ends.
+        self._gave_up_standing: set[int] = set()
         self.budget_granted_total = 0  # calls granted from budgets over its life
 
     @classmethod
@@ -416,6 +421,7 @@ class SlotClient(asyncio.Protocol):
         budget, self._budget = self._budget, None
         self._budget_specs = {}
         standing, self._standing = self._standing, False
+        self._gave_up_standing.clear()
         if budget is not None and standing:
             log.debug(
                 "standing grant budget ended",
@@ -443,6 +449,8 @@ class SlotClient(asyncio.Protocol):
         kept = False
         if future.done() and not future.cancelled() and future.exception() is None:
             kept = self._given_back(future.result())  # granted, never used: ours no more
+        elif self._standing:
+            self._gave_up_standing.add(lease_id)
         self._tell({"op": "release", "id": lease_id}, hold=kept)
 
     def _release(self, lease: RemoteLease) -> None:
@@ -689,6 +697,12 @@ class SlotClient(asyncio.Protocol):
             future = self._pending.get(lease_id)
             if future is None or future.done():
                 self._over(lease_id)
+                if lease_id in self._gave_up_standing:
+                    # Held by the supervisor as it read the release: back into
+                    # its copy of the standing budget, so into ours (`_give_up`).
+                    self._gave_up_standing.discard(lease_id)
+                    if self._budget is not None:
+                        self._budget.give_back(fleet.name)
                 return  # given up on: its release is already on the wire
             del self._pending[lease_id]
             asked = self._asked.pop(lease_id, None)
@@ -701,6 +715,7 @@ class SlotClient(asyncio.Protocol):
         else:  # "refused"
             asked = self._asked.get(lease_id)
             future = self._over(lease_id)
+            self._gave_up_standing.discard(lease_id)
             if future is not None and not future.done():
                 future.set_exception(
                     NoFleetAvailable(
