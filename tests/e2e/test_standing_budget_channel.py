@@ -241,3 +241,51 @@ async def test_a_call_given_up_as_its_grant_comes_leaves_both_budgets_equal() ->
     finally:
         client.close()
         await server.close()
+
+
+async def test_a_budget_taken_back_before_the_exec_is_not_carried_past_a_waiting_call() -> None:
+    """A call waits (FIFO): the standing budget was taken back ("budget-end"),
+    but the worker had not answered when the exec's budget was planned, so
+    the table's copy is carried in it. The worker reads "budget-end" first and
+    keeps none of that rest: no call of its overtakes the one waiting."""
+    server = _server(maxconn=4)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1007)
+    other, other_key = None, None
+    leases, waiting = [], None
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 2  # 4 // (1 + 1)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        other_key = await server.adopt(ours)
+        other = await SlotClient.connect(
+            sock=theirs, pid=1008, generation=1, answer_timeout=10, hello=False
+        )
+        other.takes_standing = False
+        other.say_hello()
+        client._transport.pause_reading()  # it reads "budget-end" only after the plan
+        leases = [await asyncio.wait_for(other.lease(), 1) for _ in range(2)]
+        waiting = asyncio.create_task(other.lease())  # 2 calls + 2 reserved: it waits
+        await eventually(lambda: server.slots.queue_length == 1)
+        await eventually(lambda: server.slots.get(key).standing_ending)
+        budgets = server.plan_budgets({key, other_key})
+        assert budgets == {key: {"a": 2}}  # the rest, as the table has it
+        kept = server.handover(budgets)
+        client._transport.resume_reading()
+        await eventually(lambda: not client._standing)
+        await asyncio.sleep(0.1)
+        assert client._budget is None or client._budget.left == 0
+        await server.take_back(kept, timeout=5)
+        await eventually(lambda: fleet.standing == 0)
+        leases[0].release()
+        leases.append(await asyncio.wait_for(waiting, 2))  # the one waiting, first
+        assert fleet.active <= 4
+    finally:
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+        for lease in leases:
+            lease.release()
+        if other is not None:
+            other.close()
+        client.close()
+        await server.close()
