@@ -7,6 +7,7 @@ the exec. maxconn holds at every moment."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
@@ -143,5 +144,148 @@ async def test_a_worker_that_stops_taking_calls_gives_its_budget_back_and_gets_n
         await asyncio.sleep(0.1)
         assert fleet.standing == 0 and server.slots.get(key).standing is None
     finally:
+        client.close()
+        await server.close()
+
+
+async def test_an_exec_budget_carries_no_standing_slot_granted_unread() -> None:
+    """A call the worker granted from its standing budget just before the
+    hand-over, its "acquire" not read yet when the exec's budget was planned:
+    the table's copy of the standing rest still counts that slot, so the
+    exec's budget names it again. The worker keeps of the carried part only
+    what its own budget has left: never a slot twice (maxconn 8, not 9)."""
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    client: SlotClient | None = None
+    leases = []
+    try:
+        key, client = await _standing_client(server, 1004)
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 4  # 8 // (1 + 1)
+        # Granted from the standing budget, its "acquire" written but not read
+        # (no loop turn between it and the plan, as at an upgrade).
+        leases.append(await client.lease())
+        assert server.slots.standing_left(key) == ["a"] * 4  # unread: still 4
+        budgets = server.plan_budgets({key})
+        assert budgets == {key: {"a": 4 + 4}}  # 8 - 4 reserved = 4 free, shared 4
+        kept = server.handover(budgets)
+        await eventually(lambda: client._budget is not None and not client._standing)
+        # 1 held: 7 more at most, from the exec's budget.
+        assert client._budget.left == 7
+        leases += [await asyncio.wait_for(client.lease(), 1) for _ in range(7)]
+        assert client._budget.left == 0
+        await server.take_back(kept, timeout=5)  # "sync", "state": the truth
+        await eventually(lambda: fleet.active == 8)
+        assert fleet.active + fleet.standing <= 8
+    finally:
+        for lease in leases:
+            lease.release()
+        if client is not None:
+            client.close()
+        await server.close()
+
+
+async def test_a_slot_released_into_the_budget_and_granted_again_is_read_in_that_order() -> None:
+    """A release that goes back into the standing budget waits for the next
+    write; a call granted from that slot at once is that write. The release
+    must be read first: else the table's copy has no slot left for the grant
+    (a protocol error, the channel closed, the worker's calls lost)."""
+    server = _server(maxconn=2)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1005)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 1  # 2 // (1 + 1)
+        first = await client.lease()  # the budget's one slot
+        await eventually(lambda: fleet.active == 1 and fleet.standing == 0)
+        first.release()  # back into the budget: told with the next write
+        again = await client.lease()  # granted from it at once: that write
+        await eventually(lambda: fleet.active == 1 and server.slots.get(key).standing_taken)
+        await asyncio.sleep(0.3)  # past ANSWERS_FLUSH: nothing else to read
+        assert client.connected and server.slots.get(key) is not None
+        assert fleet.active == 1 and fleet.standing == 0
+        assert server.slots.get(key).standing.slots() == {"a": 0}
+        again.release()
+        await eventually(lambda: fleet.active == 0 and fleet.standing == 1)
+    finally:
+        client.close()
+        await server.close()
+
+
+async def test_a_call_given_up_as_its_grant_comes_leaves_both_budgets_equal() -> None:
+    """A worker whose standing budget is spent asks the supervisor; the call
+    gives up as the grant is on its way, and its release goes back into the
+    table's copy of the budget (the lease was held there). The worker's copy
+    takes that slot back as the late grant comes: else the table keeps a slot
+    reserved that the worker never grants from (both copies equal, maxconn 4)."""
+    server = _server(maxconn=4)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1006)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 2  # 4 // (1 + 1)
+        spent = [await client.lease(), await client.lease()]
+        await eventually(lambda: fleet.active == 2 and fleet.standing == 0)
+        asking = asyncio.create_task(client.lease())  # asked of the supervisor
+        await asyncio.sleep(0)  # its "acquire" written
+        asking.cancel()  # given up before the grant is read: released
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        await eventually(lambda: fleet.active == 2 and fleet.standing == 1)
+        await eventually(lambda: client._budget is not None and client._budget.left == 1)
+        assert server.slots.get(key).standing.slots() == client._budget.slots() == {"a": 1}
+        for lease in spent:
+            lease.release()
+        await eventually(lambda: fleet.active == 0 and fleet.standing == 2)
+        assert server.slots.get(key).standing.slots() == client._budget.slots() == {"a": 2}
+    finally:
+        client.close()
+        await server.close()
+
+
+async def test_a_budget_taken_back_before_the_exec_is_not_carried_past_a_waiting_call() -> None:
+    """A call waits (FIFO): the standing budget was taken back ("budget-end"),
+    but the worker had not answered when the exec's budget was planned, so
+    the table's copy is carried in it. The worker reads "budget-end" first and
+    keeps none of that rest: no call of its overtakes the one waiting."""
+    server = _server(maxconn=4)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1007)
+    other, other_key = None, None
+    leases, waiting = [], None
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing == 2  # 4 // (1 + 1)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        other_key = await server.adopt(ours)
+        other = await SlotClient.connect(
+            sock=theirs, pid=1008, generation=1, answer_timeout=10, hello=False
+        )
+        other.takes_standing = False
+        other.say_hello()
+        client._transport.pause_reading()  # it reads "budget-end" only after the plan
+        leases = [await asyncio.wait_for(other.lease(), 1) for _ in range(2)]
+        waiting = asyncio.create_task(other.lease())  # 2 calls + 2 reserved: it waits
+        await eventually(lambda: server.slots.queue_length == 1)
+        await eventually(lambda: server.slots.get(key).standing_ending)
+        budgets = server.plan_budgets({key, other_key})
+        assert budgets == {key: {"a": 2}}  # the rest, as the table has it
+        kept = server.handover(budgets)
+        client._transport.resume_reading()
+        await eventually(lambda: not client._standing)
+        await asyncio.sleep(0.1)
+        assert client._budget is None or client._budget.left == 0
+        await server.take_back(kept, timeout=5)
+        await eventually(lambda: fleet.standing == 0)
+        leases[0].release()
+        leases.append(await asyncio.wait_for(waiting, 2))  # the one waiting, first
+        assert fleet.active <= 4
+    finally:
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+        for lease in leases:
+            lease.release()
+        if other is not None:
+            other.close()
         client.close()
         await server.close()

@@ -100,6 +100,14 @@ STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
 HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 
 
+def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
+    """Of an exec budget's fleet `entry`, the slots of the standing rest it
+    carries ("standing") that this worker's standing budget (`own`, fleet ->
+    slots left) no longer has: granted since the supervisor last read it."""
+    carried = int(entry.get("standing", 0))
+    return max(0, carried - own.get(str(entry["fleet"]), 0))
+
+
 def _no_answer(future: asyncio.Future[FleetState]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -247,6 +255,11 @@ class SlotClient(asyncio.Protocol):
         self.takes_standing = STANDING_BUDGETS
         self._held_lines: list[bytes] = []
         self._held_timer: asyncio.TimerHandle | None = None
+        # Leases given up unanswered while a standing budget stood: should the
+        # grant come after all, the supervisor held it when it read the release
+        # and gave that slot back into its copy of the budget; ours takes it
+        # back too then (`_handle`, "granted"). Cleared as the budget ends.
+        self._gave_up_standing: set[int] = set()
         self.budget_granted_total = 0  # calls granted from budgets over its life
 
     @classmethod
@@ -358,11 +371,17 @@ class SlotClient(asyncio.Protocol):
             # is freed by this answer.
             self._write({"op": "budget-dropped"})
             return
+        # An exec's budget carries the rest of this worker's standing one as the
+        # supervisor last read it ("standing" per fleet): a call granted from it
+        # since, its "acquire" not read before the plan, is still counted there.
+        # Of that part only what this end's copy has left is kept (none when it
+        # has dropped its standing budget): else that slot is granted twice.
+        own = self._budget.slots() if self._standing and self._budget is not None else {}
         try:
             fleets = [
                 BudgetFleet(
                     str(f["fleet"]),
-                    int(f["slots"]),
+                    int(f["slots"]) - _not_ours(f, own),
                     int(f["active"]),
                     int(f["slots"]) if standing else None,
                 )
@@ -402,6 +421,7 @@ class SlotClient(asyncio.Protocol):
         budget, self._budget = self._budget, None
         self._budget_specs = {}
         standing, self._standing = self._standing, False
+        self._gave_up_standing.clear()
         if budget is not None and standing:
             log.debug(
                 "standing grant budget ended",
@@ -429,6 +449,8 @@ class SlotClient(asyncio.Protocol):
         kept = False
         if future.done() and not future.cancelled() and future.exception() is None:
             kept = self._given_back(future.result())  # granted, never used: ours no more
+        elif self._standing:
+            self._gave_up_standing.add(lease_id)
         self._tell({"op": "release", "id": lease_id}, hold=kept)
 
     def _release(self, lease: RemoteLease) -> None:
@@ -675,6 +697,12 @@ class SlotClient(asyncio.Protocol):
             future = self._pending.get(lease_id)
             if future is None or future.done():
                 self._over(lease_id)
+                if lease_id in self._gave_up_standing:
+                    # Held by the supervisor as it read the release: back into
+                    # its copy of the standing budget, so into ours (`_give_up`).
+                    self._gave_up_standing.discard(lease_id)
+                    if self._budget is not None:
+                        self._budget.give_back(fleet.name)
                 return  # given up on: its release is already on the wire
             del self._pending[lease_id]
             asked = self._asked.pop(lease_id, None)
@@ -687,6 +715,7 @@ class SlotClient(asyncio.Protocol):
         else:  # "refused"
             asked = self._asked.get(lease_id)
             future = self._over(lease_id)
+            self._gave_up_standing.discard(lease_id)
             if future is not None and not future.done():
                 future.set_exception(
                     NoFleetAvailable(

@@ -624,7 +624,8 @@ class SlotServer:
             budget = budgets.get(channel.key)
             if not budget:
                 continue
-            message = self._budget_message(budget, whole_write_max(kept[name]))
+            carried = Counter(self.slots.standing_left(channel.key))
+            message = self._budget_message(budget, whole_write_max(kept[name]), carried)
             if not message["fleets"] or not _send_whole(kept[name], encode(message)):
                 log.warning(
                     "upgrade: a worker's grant budget could not be written: its calls "
@@ -645,10 +646,16 @@ class SlotServer:
             )
         return sent
 
-    def _budget_message(self, budget: dict[str, int], size_max: int) -> dict[str, Any]:
+    def _budget_message(
+        self, budget: dict[str, int], size_max: int, carried: Counter[str] | None = None
+    ) -> dict[str, Any]:
         """The "budget" line for `budget`: its fleets with the most slots first,
         BUDGET_FLEETS_MAX at most, as many as keep the line (newline and all)
-        within `size_max` bytes (`whole_write_max`)."""
+        within `size_max` bytes (`whole_write_max`). `carried`: of those slots,
+        the rest of the worker's standing budget as this table last read it
+        (`plan_budgets`), said per fleet ("standing"): a grant the worker made
+        from it since, not read yet, is still in that count, so the worker
+        keeps of it only what its own copy has left (`SlotClient._take_budget`)."""
         named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
         fleets: list[dict[str, Any]] = []
         size = len(encode({"op": "budget", "fleets": fleets}))
@@ -662,6 +669,8 @@ class SlotServer:
                 "active": fleet.active,
                 "spec": spec_to_wire(fleet.spec),
             }
+            if carried and (standing := min(carried[name], slots)) > 0:
+                entry["standing"] = standing
             size += len(encode(entry)) - 1 + (1 if fleets else 0)  # less "\n", plus ","
             if size > size_max:
                 break

@@ -109,7 +109,10 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     it says who the call is should the worker die before its "state", and
     is counted as the host's grant once the "state" is taken (the worker's
     granted_total, the fleet's opened_total). The shares of a fleet
-    sum to at most its free slots.
+    sum to at most its free slots. A fleet's "standing": n (a worker with a
+    standing budget) says n of its "slots" are that budget's rest as the
+    coordinator last read it: the worker keeps of those n only what its own
+    copy has left (a grant from it whose "acquire" was not read yet is in n).
     The worker is the truth: what it sent before "state" is already counted
     in it, so the coordinator acts on nothing before but a "report" (and a
     "state" that answered the image before). A line the old image had half
