@@ -95,15 +95,16 @@ class RateLimitedLog:
             )
 
 
-class _Own:
+class OwnProcess:
     """This process's pid, kept (a process forked from this one has its own):
-    os.getpid() is a system call, asked at each line by the formatters."""
+    os.getpid() is a system call, asked at each line by the formatters and
+    twice by a call's identity (`net.calls`)."""
 
     pid = os.getpid()
 
 
 def _forked() -> None:
-    _Own.pid = os.getpid()
+    OwnProcess.pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -136,7 +137,7 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         if self.pid:  # "process": a line's own fields may name another pid (a worker's)
-            entry["process"] = _Own.pid
+            entry["process"] = OwnProcess.pid
         entry.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -180,7 +181,7 @@ class TextFormatter(logging.Formatter):
         # A field with no value (JSON's null) is left out, not written "None".
         tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items() if v is not None)
         if self.pid:
-            tail = f"{tail} process={_Own.pid}" if tail else f"process={_Own.pid}"
+            tail = f"{tail} process={OwnProcess.pid}" if tail else f"process={OwnProcess.pid}"
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
         line = f"{line} {tail}" if tail else line
         if record.exc_info:
@@ -412,7 +413,7 @@ def _record_only_what_lines_say() -> None:
     """No log record looks up what no line writes: its caller's file, line and
     function (logging's findCaller walks the stack, each frame's file name
     normalized), its thread, its process's pid and name. Neither formatter
-    writes them (a line's "process" is the formatter's, kept: `_Own`).
+    writes them (a line's "process" is the formatter's, kept: `OwnProcess`).
     Logging's own switches for this (the logging HOWTO, "Optimization"): about
     45 Python lines and a getpid system call less for each line, an access
     line a call (session 39)."""

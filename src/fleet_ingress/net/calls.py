@@ -30,7 +30,7 @@ from fleet_ingress.core.call_list import (
 )
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import OwnProcess, fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.dead_peers import DeadPeerWatch
@@ -130,17 +130,16 @@ _ids = itertools.count(1)
 
 
 class _Own:
-    """This process's pid and the tag of its call ids (`core.call_list`), drawn
-    at its first use; a process forked from this one has its own of both
-    (`_forked`). Kept rather than asked: os.getpid() is a system call, and a
-    call's identity asked it twice (session 41)."""
+    """The tag of this process's call ids (`core.call_list`), drawn at its
+    first use; a process forked from this one draws its own (`_forked`). Its
+    pid is `logs.OwnProcess`'s, kept there (os.getpid() is a system call, and
+    a call's identity asked it twice: session 41)."""
 
-    pid = os.getpid()
     tag: str | None = None
 
 
 def _forked() -> None:
-    _Own.pid, _Own.tag = os.getpid(), None
+    _Own.tag = None
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -272,7 +271,7 @@ class Call:
             # Its id on the host, as `fleet-ingress calls` lists it and `end-call`
             # takes it: `process` and `call_id` alone name another call once
             # the pid has come back.
-            "call": host_call_id(_Own.pid, self.id, process_tag()),
+            "call": host_call_id(OwnProcess.pid, self.id, process_tag()),
             "started": _utc_second(math.floor(self.started_at)),
             "client_ip": self.client_ip,
             "route": self.route,
