@@ -227,7 +227,10 @@ class SlotClient(asyncio.Protocol):
         self._calls: dict[int, dict[str, Any]] = {}
         self._in_flight: set[int] = set()  # held, its call not answered by its fleet yet
         self._answers: list[list[float]] = []  # [lease id, when] not told yet
-        self._answers_timer: asyncio.TimerHandle | None = None
+        # Armed while something waits to ride the next write (the answers, the
+        # held lines): it writes them ANSWERS_FLUSH after the first, if nothing
+        # else has gone meanwhile.
+        self._flush_timer: asyncio.TimerHandle | None = None
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet): op -> handler(message).
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -249,12 +252,11 @@ class SlotClient(asyncio.Protocol):
         self._budget_specs: dict[str, Any] = {}
         # The budget is a standing one (outside an exec): what it grants and
         # gets back is told in batches (`_held_lines`, sent first with the next
-        # write, or ANSWERS_FLUSH after).
+        # write, or ANSWERS_FLUSH after: `_flush_soon`).
         self._standing = False
         # Whether it says it takes standing budgets (set before its hello).
         self.takes_standing = STANDING_BUDGETS
         self._held_lines: list[bytes] = []
-        self._held_timer: asyncio.TimerHandle | None = None
         # Leases given up unanswered while a standing budget stood: should the
         # grant come after all, the supervisor held it when it read the release
         # and gave that slot back into its copy of the budget; ours takes it
@@ -487,21 +489,19 @@ class SlotClient(asyncio.Protocol):
         """`message` goes first in this end's next write, or ANSWERS_FLUSH
         from now: one wake-up of the supervisor for many."""
         self._held_lines.append(encode(message))
-        if self._held_timer is None:
-            self._held_timer = self._loop.call_later(ANSWERS_FLUSH, self._write_held)
-
-    def _write_held(self) -> None:
-        self._held_timer = None
-        self._write(None)
+        self._flush_soon()
 
     def _answered(self, lease_id: int, at: float) -> None:
         self._in_flight.discard(lease_id)
         self._answers.append([lease_id, at])
-        if self._answers_timer is None:
-            self._answers_timer = self._loop.call_later(ANSWERS_FLUSH, self._write_answers)
+        self._flush_soon()
 
-    def _write_answers(self) -> None:
-        self._answers_timer = None
+    def _flush_soon(self) -> None:
+        if self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(ANSWERS_FLUSH, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
         self._write(None)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -628,13 +628,8 @@ class SlotClient(asyncio.Protocol):
         # calls, as it exits (or it is gone itself).
         if not self.lost.done():
             self.lost.set_result(None)
-        if self._answers_timer is not None:
-            self._answers_timer.cancel()
-            self._answers_timer = None
+        self._cancel_flush()
         self._answers.clear()
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-            self._held_timer = None
         self._held_lines.clear()
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
@@ -826,14 +821,15 @@ class SlotClient(asyncio.Protocol):
         if self._answers:
             data = encode({"op": "answered", "leases": self._answers}) + data
             self._answers = []
-            if self._answers_timer is not None:
-                self._answers_timer.cancel()
-                self._answers_timer = None
+            self._cancel_flush()
         if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
             data = b"".join(self._held_lines) + data
             self._held_lines = []
-            if self._held_timer is not None:
-                self._held_timer.cancel()
-                self._held_timer = None
+            self._cancel_flush()
         if data:
             transport.write(data)
+
+    def _cancel_flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
