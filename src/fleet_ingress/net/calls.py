@@ -604,6 +604,21 @@ async def list_calls_in_turns(
             await asyncio.sleep(0)
 
 
+async def list_live_then_closing(
+    registry: Registry, wanted: CallFilter, pid: int, generation: int
+) -> AsyncIterator[tuple[bool, list[dict[str, Any]]]]:
+    """A listing's parts as `fleet-ingress calls` shows them: (False, rows) of
+    the live calls a turn at a time, then (True, rows) of those ended and still
+    closing, a call shown live not shown closing too (`list_calls_in_turns`)."""
+    shown: set[int] = set()
+    async for rows in list_calls_in_turns(registry, wanted, pid, generation, shown_live=shown):
+        yield False, rows
+    async for rows in list_calls_in_turns(
+        registry, wanted, pid, generation, closing=True, shown_live=shown
+    ):
+        yield True, rows
+
+
 async def end_call(
     registry: Registry, call_id: int, why: str, pid: int, generation: int
 ) -> dict[str, Any] | None:

@@ -51,7 +51,7 @@ from fleet_ingress.net.acme import (
     AcmeProtocol,
     AcmeSettings,
 )
-from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns, process_tag
+from fleet_ingress.net.calls import Registry, end_call, list_live_then_closing, process_tag
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.fleet_down import give_up_attempts
 from fleet_ingress.net.head_queue import HeadQueue
@@ -441,14 +441,9 @@ class Ingress:
         """`fleet-ingress calls` of an ingress run as one process (generation 1)."""
         pid = os.getpid()
         rows: list[dict[str, Any]] = []
-        shown: set[int] = set()  # a call shown live is not shown closing too
-        async for part in list_calls_in_turns(self.registry, wanted, pid, 1, shown_live=shown):
-            rows.extend(part)
         closing: list[dict[str, Any]] = []
-        async for part in list_calls_in_turns(
-            self.registry, wanted, pid, 1, closing=True, shown_live=shown
-        ):
-            closing.extend(part)
+        async for is_closing, part in list_live_then_closing(self.registry, wanted, pid, 1):
+            (closing if is_closing else rows).extend(part)
         return {
             "calls": oldest_first(rows),
             "closing": oldest_first(closing),

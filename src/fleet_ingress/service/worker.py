@@ -85,7 +85,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
-from fleet_ingress.net.calls import end_call, list_calls_in_turns, process_tag
+from fleet_ingress.net.calls import end_call, list_live_then_closing, process_tag
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.fleet_down import give_up_leases
 from fleet_ingress.net.late_timers import patient_timeout
@@ -301,18 +301,12 @@ class Worker:
         release before it)."""
         pid, generation = os.getpid(), self.client.generation
         registry = self.ingress.registry
-        shown: set[int] = set()  # a call shown live is not shown closing too
         try:
-            async for rows in list_calls_in_turns(
-                registry, wanted, pid, generation, shown_live=shown
-            ):
-                self.client.send({"op": "calls-listed", "id": ask, "calls": rows, "more": True})
-            async for rows in list_calls_in_turns(
-                registry, wanted, pid, generation, closing=True, shown_live=shown
-            ):
-                self.client.send(
-                    {"op": "calls-listed", "id": ask, "calls": [], "closing": rows, "more": True}
-                )
+            async for closing, rows in list_live_then_closing(registry, wanted, pid, generation):
+                part = {"op": "calls-listed", "id": ask, "calls": rows, "more": True}
+                if closing:
+                    part.update(calls=[], closing=rows)
+                self.client.send(part)
         finally:  # also when a row failed (a bug): the supervisor is not left waiting
             self.client.send(
                 {"op": "calls-listed", "id": ask, "calls": [], "closing": [], "more": False}
