@@ -82,18 +82,25 @@ def _bot(bot_id: str) -> str:
     return bot_id if len(bot_id) <= SHOWN_BOT else bot_id[: SHOWN_BOT - 1] + "~"
 
 
-def _row(row: dict[str, Any]) -> tuple[str, ...]:
+def _who(row: dict[str, Any]) -> tuple[str, ...]:
+    """The columns both tables show after their own: fleet to bytes."""
     return (
-        str(row["id"]),
-        str(row.get("generation") or "-"),
-        shown_age(row.get("age_s")),
-        str(row.get("state") or "-"),
         str(row.get("fleet") or "-"),
         _bot(str(row.get("bot_id") or "-")),
         str(row.get("client_ip") or "-"),
         str(row.get("route") or "-"),
         shown_bytes(row.get("bytes_from_carrier")),
         shown_bytes(row.get("bytes_to_carrier")),
+    )
+
+
+def _row(row: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(row["id"]),
+        str(row.get("generation") or "-"),
+        shown_age(row.get("age_s")),
+        str(row.get("state") or "-"),
+        *_who(row),
         _quiet(row),
     )
 
@@ -105,12 +112,7 @@ def _closing_row(row: dict[str, Any]) -> tuple[str, ...]:
         shown_age(row.get("age_s")),
         shown_age(row.get("closing_s")),
         str(row.get("end_reason") or "-"),
-        str(row.get("fleet") or "-"),
-        _bot(str(row.get("bot_id") or "-")),
-        str(row.get("client_ip") or "-"),
-        str(row.get("route") or "-"),
-        shown_bytes(row.get("bytes_from_carrier")),
-        shown_bytes(row.get("bytes_to_carrier")),
+        *_who(row),
     )
 
 
