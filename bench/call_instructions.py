@@ -193,13 +193,19 @@ def print_syscalls(files: list[Path], n1: int, n2: int, out: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_load_arguments(p: argparse.ArgumentParser, doing: str) -> None:
+    """The load's options (`warm_then_push`) and where the runs go, shared with
+    `bench.call_profile`; `doing`: what is done to the code ("count", "profile")."""
     p.add_argument("--calls", type=int, nargs=2, default=[50, 250], metavar=("N1", "N2"))
     p.add_argument("--wave", type=int, default=5, help="calls up at once")
     p.add_argument("--messages", type=int, default=4, help="frames relayed each way a call")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variant-pythonpath", help="src of the code to count (default: this tree)")
+    p.add_argument("--variant-pythonpath", help=f"src of the code to {doing} (default: this tree)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_arguments(p, "count")
     p.add_argument("--target", choices=("ingress", "haproxy"), default="ingress")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")
     p.add_argument("--top", type=int, default=40)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.call_instructions import warm_then_push
+from bench.call_instructions import add_load_arguments, warm_then_push
 from bench.harness.children import free_port, log
 from bench.harness.launch import Launched, fresh_dir, variant_env
 from bench.harness.targets import Settings, render_ingress
@@ -189,11 +189,7 @@ def profile_run(calls: int, out: Path, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, nargs=2, default=[50, 250], metavar=("N1", "N2"))
-    p.add_argument("--wave", type=int, default=5, help="calls up at once")
-    p.add_argument("--messages", type=int, default=4, help="frames relayed each way a call")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variant-pythonpath", help="src of the code to profile (default: this tree)")
+    add_load_arguments(p, "profile")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of one run")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--callers", metavar="REGEX", help="per call, who calls the functions matching")
