@@ -289,3 +289,35 @@ async def test_a_budget_taken_back_before_the_exec_is_not_carried_past_a_waiting
             other.close()
         client.close()
         await server.close()
+
+
+async def test_a_worker_told_to_stop_declines_its_standing_budget() -> None:
+    """`Worker.begin_stop` (a SIGTERM's drain, an upgrade's old generation) hands
+    the worker's standing budget back and asks none again: its slots are the
+    host's once more (review43a: nothing pinned that begin_stop declines)."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.service.worker import Worker
+
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1007)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert fleet.standing > 0
+        stopping: list[bool] = []
+        worker = SimpleNamespace(
+            stop=asyncio.Event(),
+            keep_pending=False,
+            drain=None,
+            client=client,
+            ingress=SimpleNamespace(stop_accepting=lambda keep_pending: stopping.append(True)),
+        )
+        Worker.begin_stop(worker)  # type: ignore[arg-type]
+        assert stopping == [True] and worker.stop.is_set()
+        await eventually(lambda: fleet.standing == 0)
+        await asyncio.sleep(0.6)  # past STANDING_RETRY: none given again
+        assert fleet.standing == 0 and server.slots.get(key).standing is None
+    finally:
+        client.close()
+        await server.close()
