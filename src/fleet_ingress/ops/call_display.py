@@ -7,35 +7,13 @@ from typing import Any
 
 __all__ = ["describe_ended", "format_calls_table", "shown_age", "shown_bytes"]
 
-_HEADER = (
-    "id",
-    "gen",
-    "age",
-    "state",
-    "fleet",
-    "bot",
-    "carrier",
-    "route",
-    "from carrier",
-    "to carrier",
-    "quiet c/f",
-)
+# The columns both tables show after their own (`_who`).
+_WHO_HEADER = ("fleet", "bot", "carrier", "route", "from carrier", "to carrier")
+_HEADER = ("id", "gen", "age", "state", *_WHO_HEADER, "quiet c/f")
 
 # The calls ended whose connections are still closing (`closing`), below the
 # live ones: what `stat`'s `closing` counts, with their ids for `end-call`.
-_CLOSING_HEADER = (
-    "id",
-    "gen",
-    "age",
-    "closing",
-    "end_reason",
-    "fleet",
-    "bot",
-    "carrier",
-    "route",
-    "from carrier",
-    "to carrier",
-)
+_CLOSING_HEADER = ("id", "gen", "age", "closing", "end_reason", *_WHO_HEADER)
 
 
 def shown_age(seconds: float | None) -> str:
