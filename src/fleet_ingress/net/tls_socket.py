@@ -307,10 +307,11 @@ class TLSConnection:
         replaced or removed at the first registration: with uvloop a descriptor
         whose last interest is removed has its poll handle closed, and a new one
         opened for the next (six system calls: a fleet connection's connect
-        and its handshake's first read, session 40)."""
-        """`sock`: connected, non-blocking; `ssl_object`: OpenSSL's connection on
-        it (`tls_on`). The connection holds the socket: the C object under
-        `ssl_object` keeps only a weak reference to it."""
+        and its handshake's first read, session 40).
+
+        `sock`: connected, non-blocking; `ssl_object`: OpenSSL's connection on
+        it (`tls_on`). The connection holds both: the C object under
+        `ssl_object` keeps only weak references to them."""
         if sock.gettimeout() != 0.0:
             raise ValueError("a TLSConnection needs a non-blocking socket")
         # The C object (``_ssl._SSLSocket``), whose ``read`` and ``write`` the hot
