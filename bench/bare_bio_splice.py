@@ -176,7 +176,7 @@ class FleetSide(Side):
 
     def data_received(self, data: memoryview) -> None:
         if self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS):
-            session = self.conn.ssl_socket.session
+            session = self.conn.ssl_object.session
             if session is not None:
                 _SESSIONS[self._key] = session
             self._key = None

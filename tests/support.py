@@ -80,7 +80,7 @@ def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
     return ctypes.c_void_p.from_address(id(ctx) + 16).value or 0
 
 
-def ssl_pointer(sock: ssl.SSLSocket) -> int:
+def ssl_pointer(sock: ssl.SSLSocket | ssl.SSLObject) -> int:
     # PySSLSocket: PyObject_HEAD, PyObject *Socket, then SSL *ssl. Checked below
     # against SSL_get_SSL_CTX, so a layout change fails loudly, not silently.
     pointer = ctypes.c_void_p.from_address(id(sock._sslobj) + 24).value or 0  # type: ignore[attr-defined]
@@ -110,7 +110,7 @@ def renegotiate_while_sending(tls: ssl.SSLSocket) -> int:
     return pointer
 
 
-def request_key_update(sock: ssl.SSLSocket) -> None:
+def request_key_update(sock: ssl.SSLSocket | ssl.SSLObject) -> None:
     """TLS 1.3: send a KeyUpdate asking the peer for one too (with our next write)."""
     assert LIBSSL.SSL_key_update(ssl_pointer(sock), SSL_KEY_UPDATE_REQUESTED) == 1
 

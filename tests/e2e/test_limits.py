@@ -328,7 +328,7 @@ async def test_a_calls_fleet_connection_counts_as_new_connection_cpu_until_the_l
     exchange_feed = FleetExchange.feed
 
     def step(self: TLSConnection) -> None:
-        if not self.ssl_socket.server_side:
+        if not self.ssl_object.server_side:
             steps.append(meter.inside)
         handshake_step(self)
 

@@ -591,7 +591,7 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         conn.write(UPGRADE.format(path="/ws/bot-1").encode())
         await eventually(lambda: b"\r\n\r\n" in carrier.data)
         assert carrier.data.startswith(b"HTTP/1.1 101 ")
-        assert conn.ssl_socket.version() == "TLSv1.3" and fleet_versions == ["TLSv1.3"]
+        assert conn.ssl_object.version() == "TLSv1.3" and fleet_versions == ["TLSv1.3"]
 
         async def echoed(message: bytes) -> None:
             carrier.data.clear()
@@ -599,7 +599,7 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
             await eventually(lambda: bytes(carrier.data) == message)
 
         await echoed(b"before")
-        request_key_update(conn.ssl_socket)  # sent with the next write
+        request_key_update(conn.ssl_object)  # sent with the next write
         await echoed(b"carrier: keys updated")
         await echoed(b"fleet: update your keys")
         await echoed(b"after both" * 2000)  # a few records under the new keys

@@ -19,6 +19,7 @@ import gc
 import hashlib
 import itertools
 import os
+import platform
 import resource
 import select
 import socket
@@ -28,6 +29,7 @@ import sys
 import termios
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +47,7 @@ from fleet_ingress.net.tls_socket import (
     TLSConnection,
     WriteBufferFull,
     connect,
+    tls_on,
     wrap_accepted,
 )
 from tests.support import (
@@ -114,6 +117,38 @@ def _tls_pair(
         yield cs, ss
     finally:
         cs.close()
+        ss.close()
+
+
+@contextmanager
+def _tls_on_pair(
+    tls_files: TLSFiles,
+) -> Iterator[tuple[socket.socket, ssl.SSLObject, ssl.SSLSocket]]:
+    """A client's TCP socket and its `tls_on` object, and the server's SSLSocket,
+    non-blocking over loopback TCP, handshake done (no loop)."""
+    client, server = _tcp_pair()
+    for s in (client, server):
+        s.setblocking(False)
+    client_tls = tls_on(
+        client, tls_files.client_context(), server_side=False, server_hostname="localhost"
+    )
+    ss = _server_ctx(tls_files).wrap_socket(
+        server, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+    )
+    pending: list[ssl.SSLObject | ssl.SSLSocket] = [client_tls, ss]
+    deadline = time.monotonic() + 5
+    while pending and time.monotonic() < deadline:
+        for s in list(pending):
+            try:
+                s.do_handshake()
+                pending.remove(s)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                select.select([client, ss], [], [], 0.01)
+    assert not pending, "handshake did not finish"
+    try:
+        yield client, client_tls, ss
+    finally:
+        client.close()
         ss.close()
 
 
@@ -231,6 +266,108 @@ def test_the_c_object_under_an_sslsocket_reads_writes_and_raises_as_its_wrappers
         select.select([ss], [], [], 2)
         with pytest.raises(ssl.SSLEOFError):
             s.read(100, buf)
+
+
+def test_cpythons_wrap_socket_takes_what_tls_on_gives_it_or_the_import_says_which_python() -> None:
+    """`tls_on` makes the C object with CPython's private
+    ``SSLContext._wrap_socket(sock, server_side, server_hostname, *, owner,
+    session)``: pinned here, and asked as tls_socket is imported, whose error
+    names the Python version and what to run instead."""
+    assert tls_socket.cpython_ssl_missing() is None
+    assert ssl.SSLContext._wrap_socket is ssl._ssl._SSLContext._wrap_socket  # type: ignore[attr-defined]
+
+    def older(sock: socket.socket, server_side: bool, server_hostname: str | None = None) -> None:
+        pass
+
+    said = tls_socket.cpython_ssl_missing(older)
+    assert said is not None and f"Python {platform.python_version()}" in said
+    assert "owner" in said and "3.11" in said
+    assert tls_socket.cpython_ssl_missing(print) is not None  # no signature to read
+
+
+def test_the_c_object_holds_its_socket_and_owner_weakly_and_gives_the_owner_to_sni(
+    tls_files: TLSFiles,
+) -> None:
+    """What `tls_on` relies on of ``_ssl._SSLSocket`` on a socket: an SNI
+    callback is given its ``owner`` (the SSLObject `tls_on` makes), and it holds
+    that owner and its socket by weak reference only (so `TLSConnection` holds
+    both): with the socket gone a handshake step fails, it does not crash."""
+    seen: list[object] = []
+    server_ctx = _server_ctx(tls_files)
+    server_ctx.sni_callback = lambda obj, name, ctx: seen.append((obj, name))  # type: ignore[func-returns-value, misc]
+    client, server = _tcp_pair()
+    for s in (client, server):
+        s.setblocking(False)
+    ss = tls_on(server, server_ctx, server_side=True)
+    cs = tls_on(client, tls_files.client_context(), server_side=False, server_hostname="calls.test")
+    assert type(ss._sslobj).__name__ == "_SSLSocket" and ss._sslobj.owner is ss  # type: ignore[attr-defined]
+    assert ss.server_side and not cs.server_side and cs.server_hostname == "calls.test"
+    pending = [cs, ss]
+    deadline = time.monotonic() + 5
+    while pending and time.monotonic() < deadline:
+        for one in list(pending):
+            try:
+                one.do_handshake()
+                pending.remove(one)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                select.select([client, server], [], [], 0.01)
+    assert not pending
+    assert seen == [(ss, "calls.test")]  # the owner itself, and the name sent
+    assert ss.version() and cs.getpeercert()["subjectAltName"]
+    c = cs._sslobj  # type: ignore[attr-defined]
+    del cs
+    gc.collect()
+    assert c.owner is None  # held weakly: gone with the SSLObject
+    server.close()
+    del server, ss
+    client_ref = weakref.ref(client)
+    del client
+    gc.collect()
+    assert client_ref() is None  # the C object does not keep its socket
+    with pytest.raises(ssl.SSLError, match="socket"):  # "Underlying socket connection gone"
+        c.write(b"x")
+
+
+def test_a_session_is_read_from_the_c_object_and_offered_through_wrap_socket(
+    tls_files: TLSFiles,
+) -> None:
+    """``session`` read from the C object after a handshake, and given to
+    ``_wrap_socket`` (`tls_on`'s ``session``) for the next connection to the
+    same server: resumed (``session_reused``)."""
+    server_ctx = _server_ctx(tls_files)
+    client_ctx = tls_files.client_context()
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # the session is there at once
+
+    def handshake(session: ssl.SSLSession | None) -> ssl.SSLObject:
+        client, server = _tcp_pair()
+        for s in (client, server):
+            s.setblocking(False)
+        ss = tls_on(server, server_ctx, server_side=True)
+        cs = tls_on(
+            client, client_ctx, server_side=False, server_hostname="calls.test", session=session
+        )
+        pending = [cs, ss]
+        deadline = time.monotonic() + 5
+        while pending and time.monotonic() < deadline:
+            for one in list(pending):
+                try:
+                    one.do_handshake()
+                    pending.remove(one)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    select.select([client, server], [], [], 0.01)
+        assert not pending
+        kept.extend((client, server, ss))
+        return cs
+
+    kept: list[object] = []
+    first = handshake(None)
+    session = first._sslobj.session  # type: ignore[attr-defined]
+    assert isinstance(session, ssl.SSLSession) and not first.session_reused
+    assert handshake(session).session_reused
+    assert not handshake(None).session_reused
+    for one in kept:
+        if isinstance(one, socket.socket):
+            one.close()
 
 
 def test_a_write_that_cannot_finish_is_retried_with_the_same_bytes_even_from_a_copy(
@@ -490,7 +627,7 @@ async def server(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Server]]:
 def _records_then_reset(conn: TLSConnection, count: int) -> None:
     """`count` TLS records of 50 bytes (b"x") from `conn`, corked into as few
     segments as they fit, and a TCP reset right behind them (SO_LINGER 0)."""
-    sock = conn.ssl_socket
+    sock = conn.tcp_socket
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     for _ in range(count):
         conn.write(b"x" * 50)  # a TLS record each
@@ -522,8 +659,8 @@ async def test_echo_both_ways_with_sni_and_a_verified_certificate(
     await eventually(lambda: len(handler.data) >= len(payload))
     assert bytes(handler.data) == payload
     assert seen_sni == ["calls.test"]
-    assert conn.ssl_socket.selected_alpn_protocol() is None  # the client offered none
-    assert conn.ssl_socket.version() in ("TLSv1.2", "TLSv1.3")
+    assert conn.ssl_object.selected_alpn_protocol() is None  # the client offered none
+    assert conn.ssl_object.version() in ("TLSv1.2", "TLSv1.3")
     conn.close()
     await eventually(lambda: handler.lost and srv.handlers[0].lost)
     assert handler.exc is None and srv.handlers[0].exc is None
@@ -537,14 +674,14 @@ async def test_a_session_from_an_earlier_connection_is_offered_and_resumed(
     first, handler = await _client(tls_files, srv.port, ctx=ctx)
     first.write(b"ping")  # a TLS 1.3 ticket arrives after the handshake: read past it
     await eventually(lambda: bytes(handler.data) == b"ping")
-    session = first.ssl_socket.session
-    assert session is not None and not first.ssl_socket.session_reused
+    session = first.ssl_object.session
+    assert session is not None and not first.ssl_object.session_reused
     conn = await connect(
         "127.0.0.1", srv.port, ctx, server_hostname="calls.test", timeout=5, session=session
     )
-    assert conn.ssl_socket.session_reused
+    assert conn.ssl_object.session_reused
     fresh = await connect("127.0.0.1", srv.port, ctx, server_hostname="calls.test", timeout=5)
-    assert not fresh.ssl_socket.session_reused
+    assert not fresh.ssl_object.session_reused
     for c in (first, conn, fresh):
         c.abort()
 
@@ -600,7 +737,7 @@ async def test_a_fleet_connection_keeps_its_descriptors_poll_from_the_tcp_connec
     conn = await connect(
         "127.0.0.1", srv.port, tls_files.client_context(), server_hostname="calls.test", timeout=5
     )
-    fd = conn.ssl_socket.fileno()
+    fd = conn.tcp_socket.fileno()
     handler = Recorder(conn)
     conn.start(handler)
     conn.write(b"ping")
@@ -622,10 +759,10 @@ async def test_a_handshake_done_in_its_first_step_keeps_the_connects_poll_for_th
     (six epoll_ctl and an ioctl a churned call on the bench, session 41): the
     reader takes the poll over instead, and what the peer sends is read."""
     log = _InterestLog(asyncio.get_running_loop())
-    with _tls_pair(tls_files) as (client, server):
+    with _tls_on_pair(tls_files) as (client, client_tls, server):
         fd = client.fileno()
         log.add_writer(fd, lambda: None)  # the TCP connect's (`open_tcp`, keep_writer)
-        conn = TLSConnection(log, client, writer_registered=True)  # type: ignore[arg-type]
+        conn = TLSConnection(log, client, client_tls, writer_registered=True)  # type: ignore[arg-type]
         try:
             await conn.handshake(5)  # done already: its first step finishes it
             assert log.interest[fd] == {"r"}
@@ -776,7 +913,7 @@ async def test_bytes_openssl_holds_are_read_at_once_and_when_reading_resumes(
     conn.write(b"b" * 1000)
     await eventually(lambda: len(first.data) == 1100)
     await asyncio.sleep(0.05)
-    assert len(first.data) == 1100 and first.conn.ssl_socket.pending() == 900
+    assert len(first.data) == 1100 and first.conn.ssl_object.pending() == 900
     first.on_data = None
     first.conn.resume_reading()
     await eventually(lambda: len(first.data) == 2000)
@@ -830,11 +967,9 @@ async def test_a_pause_ends_without_unregistering_unless_a_read_event_comes_mean
     server.start_handshake(5, handshaken)
     client = TLSConnection(
         loop,
-        tls_files.client_context().wrap_socket(
-            client_sock,
-            server_hostname="calls.test",
-            do_handshake_on_connect=False,
-            suppress_ragged_eofs=False,
+        client_sock,
+        tls_on(
+            client_sock, tls_files.client_context(), server_side=False, server_hostname="calls.test"
         ),
     )
     try:
@@ -924,11 +1059,12 @@ async def test_a_handshake_step_waiting_in_its_queue_keeps_the_reader_unless_rea
         server.start_handshake(5, finished)
         client = TLSConnection(
             loop,
-            tls_files.client_context().wrap_socket(
+            client_sock,
+            tls_on(
                 client_sock,
+                tls_files.client_context(),
+                server_side=False,
                 server_hostname="calls.test",
-                do_handshake_on_connect=False,
-                suppress_ragged_eofs=False,
             ),
         )
         try:
@@ -1157,8 +1293,8 @@ async def test_a_key_update_mid_stream_with_a_full_socket(
     peer.conn.write(big)  # more than the kernel's buffers: the server's write waits
     await asyncio.sleep(0.05)
     assert peer.conn.get_write_buffer_size() > 0
-    assert conn.ssl_socket.version() == "TLSv1.3"
-    assert LIBSSL.SSL_key_update(ssl_pointer(conn.ssl_socket), SSL_KEY_UPDATE_REQUESTED) == 1
+    assert conn.ssl_object.version() == "TLSv1.3"
+    assert LIBSSL.SSL_key_update(ssl_pointer(conn.ssl_object), SSL_KEY_UPDATE_REQUESTED) == 1
     conn.write(b"after the key update")
     await eventually(lambda: peer.data == b"after the key update")
     peer.conn.write(b"!")
@@ -1208,7 +1344,7 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
 ) -> None:
     srv = server()
     conn, handler = await _client(tls_files, srv.port)
-    wants = _Wants(conn.ssl_socket._sslobj, conn.ssl_socket.fileno())  # type: ignore[attr-defined]
+    wants = _Wants(conn.ssl_object._sslobj, conn.tcp_socket.fileno())  # type: ignore[attr-defined]
     conn._sslobj = wants  # type: ignore[assignment]
     conn.write(b"first")
     await eventually(lambda: len(srv.handlers) == 1 and srv.handlers[0].data == b"first")
@@ -1576,8 +1712,8 @@ def _hello_request_behind_a_partial_write(tls: ssl.SSLSocket, filled: threading.
 async def _writing_a_mib(conn: TLSConnection) -> tuple[Recorder, bytes]:
     """The client's side: a 4 KiB send buffer, started, a MiB written and only
     partly sent (retried whole)."""
-    conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    assert conn.ssl_socket.version() == "TLSv1.2"
+    conn.tcp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert conn.ssl_object.version() == "TLSv1.2"
     handler = Recorder(conn)
     conn.start(handler)
     big = b"a" * (1 << 20)
@@ -1618,7 +1754,7 @@ async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_
     fleet = _FleetThread(tls_files, serve, small_window=False)
     try:
         conn = await fleet.connect(tls_files)
-        assert conn.ssl_socket.version() == "TLSv1.2"
+        assert conn.ssl_object.version() == "TLSv1.2"
         handler = Recorder(conn)
         conn.start(handler)
         sent = bytearray()
@@ -1712,7 +1848,7 @@ async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_
         assert conn.get_write_buffer_size() == 0  # sent, not held
         go.set()
         await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
-        pointer = ssl_pointer(conn.ssl_socket)
+        pointer = ssl_pointer(conn.ssl_object)
         assert LIBSSL.SSL_in_init(pointer) and not conn._held
         started = time.monotonic()
         conn.close()
@@ -1767,7 +1903,7 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
     fleet = _FleetThread(tls_files, serve)
     try:
         conn = await fleet.connect(tls_files)
-        pointer = ssl_pointer(conn.ssl_socket)
+        pointer = ssl_pointer(conn.ssl_object)
         handler, big = await _writing_a_mib(conn)
         expected += big
         filled.set()
@@ -1781,7 +1917,7 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
         if fleet_sends:
             # The fleet's bytes on the socket, unread, as the next write comes (the
             # select holds the loop: no read meanwhile).
-            assert select.select([conn.ssl_socket], [], [], 5)[0]
+            assert select.select([conn.tcp_socket], [], [], 5)[0]
         conn.write(b"next")
         expected += b"next"
         await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
@@ -1817,7 +1953,7 @@ async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_clo
     fleet = _FleetThread(tls_files, serve)
     try:
         conn = await fleet.connect(tls_files)
-        pointer = ssl_pointer(conn.ssl_socket)
+        pointer = ssl_pointer(conn.ssl_object)
         handler, big = await _writing_a_mib(conn)
         filled.set()
         await eventually(lambda: b"x" in handler.data)
@@ -1875,7 +2011,7 @@ async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writabil
     fleet = _FleetThread(tls_files, serve)
     try:
         conn = await fleet.connect(tls_files)
-        pointer = ssl_pointer(conn.ssl_socket)
+        pointer = ssl_pointer(conn.ssl_object)
         handler, big = await _writing_a_mib(conn)
         filled.set()
         await eventually(lambda: b"x" in handler.data)
@@ -1948,13 +2084,13 @@ async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.conns) == 1 and not srv.conns[0].is_closing())
-    assert conn.ssl_socket.version() == "TLSv1.3" and conn._renegotiating is None
+    assert conn.ssl_object.version() == "TLSv1.3" and conn._renegotiating is None
     tls12 = tls_files.client_context()
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     conn12, _ = await _client(tls_files, srv.port, ctx=tls12)
     await eventually(lambda: len(srv.handlers) == 2)
     # OpenSSL's SSL is reached (a change of CPython's layout would say so here).
-    assert conn12.ssl_socket.version() == "TLSv1.2" and conn12._renegotiating is not None
+    assert conn12.ssl_object.version() == "TLSv1.2" and conn12._renegotiating is not None
     assert srv.handlers[1].conn._renegotiating is None  # OP_NO_RENEGOTIATION
     conn.abort()
     conn12.abort()
@@ -2115,7 +2251,7 @@ async def test_a_reset_is_an_error_with_its_errno_not_an_end(
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.handlers) == 1)
-    conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    conn.tcp_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     conn.abort()  # close with SO_LINGER 0: an RST
     peer = srv.handlers[0]
     await eventually(lambda: peer.lost)
@@ -2134,7 +2270,7 @@ async def test_a_peer_that_stops_reading_past_the_user_timeout_is_gone_not_a_res
     srv = server()
     srv.reading = False  # the server side never reads: its window closes
     conn, handler = await _client(tls_files, srv.port)
-    conn.ssl_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+    conn.tcp_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
     await eventually(lambda: len(srv.handlers) == 1)
     block = b"x" * 16384
     for _ in range(2000):  # 32 MiB at most: until the kernel's buffers and ours are full
@@ -2390,7 +2526,7 @@ async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_it
         # The loop held until the reset is in: the records and it make one event.
         assert reset.wait(5)
         deadline = time.monotonic() + 5
-        while tls_socket._tcp_established(conn.ssl_socket) and time.monotonic() < deadline:
+        while tls_socket._tcp_established(conn.tcp_socket) and time.monotonic() < deadline:
             time.sleep(0.001)  # noqa: ASYNC251 (the loop held on purpose)
         await eventually(lambda: handler.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
         assert time.monotonic() - started < 2

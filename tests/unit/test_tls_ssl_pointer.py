@@ -37,7 +37,7 @@ def test_each_ssl_is_its_own_and_the_place_is_checked_once(
     try:
         contexts = [ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) for _ in range(3)]
         objects = [_client(ctx) for ctx in contexts for _ in range(2)]
-        pointers = [tls_socket._openssl_ssl(obj) for obj in objects]  # type: ignore[arg-type]
+        pointers = [tls_socket._openssl_ssl(obj._sslobj) for obj in objects]  # type: ignore[attr-defined]
     finally:
         _forget_the_check()
     assert len(asked) <= 1  # the probe's, once
@@ -57,7 +57,7 @@ def test_no_ssl_is_read_when_the_probe_s_does_not_name_its_context(
     _forget_the_check()
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        assert tls_socket._openssl_ssl(_client(ctx)) is None  # type: ignore[arg-type]
+        assert tls_socket._openssl_ssl(_client(ctx)._sslobj) is None  # type: ignore[attr-defined]
     finally:
         _forget_the_check()
 
@@ -84,7 +84,7 @@ def test_no_ssl_is_read_and_nothing_raised_when_the_probe_cannot_be_made(
     _forget_the_check()
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        said = [tls_socket._openssl_ssl(_client(ctx)) for _ in range(3)]  # type: ignore[arg-type]
+        said = [tls_socket._openssl_ssl(_client(ctx)._sslobj) for _ in range(3)]  # type: ignore[attr-defined]
     finally:
         _forget_the_check()
     assert said == [None, None, None] and len(probes) == 1

@@ -269,7 +269,7 @@ def keep(
     if calls is None or pointer is None:
         return
     kept = fleet.tls_session
-    context = conn.ssl_socket.context
+    context = conn.ssl_object.context
     address = _address(spec)
     if isinstance(kept, Refusing) and kept.holds(context, address):
         return
@@ -307,7 +307,7 @@ def _not_after(conn: TLSConnection) -> float | None:
     """The notAfter of the certificate a full handshake checked (None when the
     context checks none, fleets.verify off: `getpeercert` says nothing)."""
     try:
-        said = conn.ssl_socket.getpeercert().get("notAfter")
+        said = conn.ssl_object.getpeercert().get("notAfter")
     except (AttributeError, ValueError, ssl.SSLError):
         return None
     if not isinstance(said, str):
@@ -445,7 +445,7 @@ def _through(
     `suspect` session too (the next full handshake's, none resumed since):
     a middlebox that drops every ClientHello offering a session, two calls
     made again, then full handshakes."""
-    context, address = conn.ssl_socket.context, _address(spec)
+    context, address = conn.ssl_object.context, _address(spec)
     kept = fleet.tls_session
     # A session kept since that is not `suspect`: a call resumed one meanwhile.
     resumed_since = isinstance(kept, KeptSession) and not kept.suspect
@@ -476,7 +476,7 @@ def refused(fleet: FleetState, spec: FleetSpec, conn: TLSConnection, exc: Sessio
     connection's context and address; said once then (the calls offered it
     together were each refused), the fleet's name and its answer (each
     worker's own)."""
-    context, address = conn.ssl_socket.context, _address(spec)
+    context, address = conn.ssl_object.context, _address(spec)
     if isinstance(kept := fleet.tls_session, Refusing) and kept.holds(context, address):
         return
     fleet.tls_session = Refusing(time.monotonic() + REFUSED_FOR, context, address)

@@ -1,4 +1,4 @@
-"""TLS on socket BIOs: a non-blocking ``ssl.SSLSocket`` driven by the loop's reader/writer.
+"""TLS on socket BIOs: OpenSSL on a non-blocking TCP socket, driven by the loop's reader/writer.
 
 With asyncio's and uvloop's SSL transports every record goes socket ->
 memory BIO -> plaintext -> memory BIO -> socket, and each connection holds
@@ -98,6 +98,8 @@ import ctypes
 import enum
 import errno
 import functools
+import inspect
+import platform
 import socket
 import ssl
 import struct
@@ -149,7 +151,8 @@ Buffer = bytes | bytearray | memoryview
 
 
 class _SSLObject(Protocol):
-    """What the hot path uses of ``SSLSocket._sslobj`` (CPython's ``_ssl._SSLSocket``)."""
+    """What a connection uses of CPython's ``_ssl._SSLSocket`` (an ``SSLObject``'s
+    ``_sslobj``): the hot path's calls, and what `_renegotiation_watch` asks."""
 
     def read(self, size: int, buffer: memoryview) -> int: ...
 
@@ -158,6 +161,13 @@ class _SSLObject(Protocol):
     def pending(self) -> int: ...
 
     def do_handshake(self) -> None: ...
+
+    def shutdown(self) -> object: ...
+
+    def version(self) -> str | None: ...
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
 
 
 class HeldSession(Protocol):
@@ -233,7 +243,8 @@ _CLOSED = _State.CLOSED
 
 
 class TLSConnection:
-    """One TLS connection on a non-blocking ``ssl.SSLSocket``.
+    """One TLS connection: a non-blocking TCP socket and OpenSSL's connection on
+    it (`tls_on`), an ``ssl.SSLObject`` whose C object reads and writes the socket.
 
     Lifecycle: ``start_handshake`` (or ``await handshake()``), then
     ``start(handler)``; ``write``, ``pause_reading`` / ``resume_reading``;
@@ -266,6 +277,7 @@ class TLSConnection:
         "_shutdown_wants_write",
         "_sock",
         "_ssl",
+        "_ssl_object",
         "_sslobj",
         "_state",
         "_step_queued",
@@ -283,7 +295,8 @@ class TLSConnection:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        sock: ssl.SSLSocket,
+        sock: socket.socket,
+        ssl_object: ssl.SSLObject,
         *,
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
@@ -294,23 +307,23 @@ class TLSConnection:
         replaced or removed at the first registration: with uvloop a descriptor
         whose last interest is removed has its poll handle closed, and a new one
         opened for the next (six system calls: a fleet connection's connect
-        and its handshake's first read, session 40)."""
+        and its handshake's first read, session 40).
+
+        `sock`: connected, non-blocking; `ssl_object`: OpenSSL's connection on
+        it (`tls_on`). The connection holds both: the C object under
+        `ssl_object` keeps only weak references to them."""
         if sock.gettimeout() != 0.0:
-            raise ValueError("a TLSConnection needs a non-blocking SSLSocket")
-        # ``SSLSocket.recv_into`` and ``send`` are Python wrappers (three frames
-        # per read, two per write) around the C object's ``read`` and ``write``,
-        # which the hot path calls directly. CPython-private (pinned by
-        # tests/e2e/test_tls_socket.py); made with the SSLSocket when its TCP
-        # socket is connected, as both constructors below ensure, and used only
-        # while OPEN or CLOSING (``unwrap`` and ``close`` drop it).
-        sslobj: _SSLObject | None = getattr(sock, "_sslobj", None)
-        if sslobj is None:
-            raise ValueError("a TLSConnection needs an SSLSocket on a connected socket")
+            raise ValueError("a TLSConnection needs a non-blocking socket")
+        # The C object (``_ssl._SSLSocket``), whose ``read`` and ``write`` the hot
+        # path calls directly (an SSLObject's own are Python wrappers, a frame
+        # more each). CPython-private (pinned by tests/e2e/test_tls_socket.py).
+        sslobj: _SSLObject = ssl_object._sslobj  # type: ignore[attr-defined]
         self._loop = loop
         self._sock = sock
+        self._ssl_object = ssl_object
         self._sslobj = sslobj
         # OpenSSL's SSL under it (None: not to be had): see the module docstring.
-        self._ssl = _openssl_ssl(sock)
+        self._ssl = _openssl_ssl(sslobj)
         if self._ssl is not None:
             _one_message_per_read(self._ssl)
         self._fd = sock.fileno()
@@ -465,8 +478,14 @@ class TLSConnection:
         return self._loop
 
     @property
-    def ssl_socket(self) -> ssl.SSLSocket:
-        """For version(), cipher(), selected_alpn_protocol(), getpeercert()."""
+    def ssl_object(self) -> ssl.SSLObject:
+        """For version(), cipher(), selected_alpn_protocol(), getpeercert(), session."""
+        return self._ssl_object
+
+    @property
+    def tcp_socket(self) -> socket.socket:
+        """The TCP socket under it, for its options (the TLS connection owns it:
+        read or write it here and the TLS session breaks)."""
         return self._sock
 
     @property
@@ -487,19 +506,21 @@ class TLSConnection:
             self._high_water = high
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        """As a transport's: "ssl_object" and "socket" are the SSLSocket itself
-        (it has an SSLObject's methods and a socket's setsockopt)."""
+        """As an asyncio SSL transport's: "ssl_object" an ``ssl.SSLObject``,
+        "socket" the TCP socket."""
         sock = self._sock
-        if name in ("ssl_object", "socket"):
+        if name == "ssl_object":
+            return self._ssl_object
+        if name == "socket":
             return sock
         if name == "peername":
             return self.peername if self.peername is not None else default
         if name == "sslcontext":
-            return sock.context
+            return self._sslobj.context
         if name == "peercert":
-            return sock.getpeercert()
+            return self._ssl_object.getpeercert()
         if name == "cipher":
-            return sock.cipher()
+            return self._ssl_object.cipher()
         if name == "sockname":
             try:
                 return sock.getsockname()
@@ -602,7 +623,7 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._renegotiating = _renegotiation_watch(self._sock, self._ssl)
+            self._renegotiating = _renegotiation_watch(self._sslobj, self._ssl)
             self._state = _OPEN
             self._handshake_finished(None)
             return
@@ -633,8 +654,8 @@ class TLSConnection:
         ECONNRESET instead of the alert and an EOF)."""
         for _ in range(4):
             try:
-                # socket.socket's own recv_into: the descriptor, not SSL_read.
-                if socket.socket.recv_into(self._sock, _READ_BUFFER) < READ_BUFFER_SIZE:
+                # The descriptor itself, not SSL_read.
+                if self._sock.recv_into(_READ_BUFFER) < READ_BUFFER_SIZE:
                     return
             except OSError:  # BlockingIOError: nothing unread
                 return
@@ -980,7 +1001,7 @@ class TLSConnection:
         self._state = _SHUTDOWN
         self._shutdown_wants_write = False
         try:
-            self._sock.unwrap()
+            self._sslobj.shutdown()
         except ssl.SSLWantReadError:
             # close_notify is sent; the peer's has not come. Wait for it (or its
             # FIN), reading on: closing with unread bytes would reset the
@@ -1014,9 +1035,9 @@ class TLSConnection:
         for _ in range(MAX_READS_PER_WAKE):
             try:
                 if below_tls:
-                    n = socket.socket.recv_into(self._sock, _READ_BUFFER)
-                else:
                     n = self._sock.recv_into(_READ_BUFFER)
+                else:
+                    n = self._sslobj.read(READ_BUFFER_SIZE, _READ_BUFFER)
                 if n == 0:
                     break
             except (ssl.SSLWantReadError, BlockingIOError):
@@ -1331,7 +1352,7 @@ def _refuses_a_record_under_way(free: Callable[[int], int]) -> bool:
                 probe.do_handshake()
     except (ssl.SSLError, OSError):
         return False
-    pointer = _openssl_ssl(probe)  # type: ignore[arg-type]  # an SSLObject has both
+    pointer = _openssl_ssl(probe._sslobj)  # type: ignore[attr-defined]
     return pointer is not None and free(pointer) == 0
 
 
@@ -1343,13 +1364,13 @@ def _free_buffers(pointer: int) -> None:
         free(pointer)
 
 
-def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
-    """The address of OpenSSL's SSL under `sock` (its ``_sslobj``), or None when it
-    cannot be had (`_ssl_offset`)."""
+def _openssl_ssl(sslobj: object) -> int | None:
+    """The address of OpenSSL's SSL under `sslobj` (a ``_ssl._SSLSocket``), or
+    None when it cannot be had (`_ssl_offset`)."""
     offset = _ssl_offset()
     if offset is None:
         return None
-    pointer = ctypes.c_void_p.from_address(id(sock._sslobj) + offset).value  # type: ignore[attr-defined]
+    pointer = ctypes.c_void_p.from_address(id(sslobj) + offset).value
     return int(pointer) if pointer else None
 
 
@@ -1445,7 +1466,7 @@ def _in_init(pointer: int | None) -> bool:
     return calls is not None and pointer is not None and bool(calls.in_init(pointer))
 
 
-def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
+def _renegotiation_watch(sslobj: _SSLObject, pointer: int | None) -> Callable[[], int] | None:
     """For a TLS 1.2 connection whose context allows renegotiation (the fleet
     side; the carrier listener's refuses it): a call saying whether the peer has
     asked for a renegotiation that is not done, postponed or under way
@@ -1457,11 +1478,75 @@ def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[
     if (
         calls is None
         or pointer is None
-        or sock.version() != "TLSv1.2"
-        or sock.context.options & ssl.OP_NO_RENEGOTIATION
+        or sslobj.version() != "TLSv1.2"
+        or sslobj.context.options & ssl.OP_NO_RENEGOTIATION
     ):
         return None
     return functools.partial(calls.renegotiate_pending, pointer)
+
+
+def cpython_ssl_missing(wrap_socket: Callable[..., object] | None = None) -> str | None:
+    """What `tls_on` needs of CPython's private ``SSLContext._wrap_socket`` and
+    this Python lacks, said for an operator (None: nothing). Asked as the module
+    is imported: a Python that changed it fails at start, not at a first call."""
+    if wrap_socket is None:
+        wrap_socket = getattr(ssl.SSLContext, "_wrap_socket", None)
+    wanted = ("sock", "server_side", "server_hostname", "owner", "session")
+    try:
+        said = inspect.signature(wrap_socket).parameters if wrap_socket is not None else {}
+    except (TypeError, ValueError):
+        said = {}
+    if all(name in said for name in wanted):
+        return None
+    return (
+        f"Python {platform.python_version()}'s ssl.SSLContext._wrap_socket does not take"
+        f" ({', '.join(wanted)}), which fleet-ingress's TLS connections are made with"
+        " (net/tls_socket.py, tls_on; CPython 3.11 to 3.13 have it): run it on one of those"
+    )
+
+
+if (_MISSING := cpython_ssl_missing()) is not None:
+    raise RuntimeError(_MISSING)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ascii_hostname(server_hostname: str) -> str:
+    """As ``SSLContext._encode_hostname``: IDNA, whose codec is Python's own
+    (a fleet connection's hostname encoded again each time cost instructions)."""
+    return server_hostname.encode("idna").decode("ascii")
+
+
+def tls_on(
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    session: ssl.SSLSession | None = None,
+) -> ssl.SSLObject:
+    """OpenSSL's connection on the connected, non-blocking TCP socket `sock` (a
+    socket BIO: OpenSSL reads and writes the descriptor), its handshake not
+    started, as the ``ssl.SSLObject`` asyncio's transports give as
+    "ssl_object". Made as ``SSLContext.wrap_socket`` makes its C object, without
+    the ``ssl.SSLSocket`` around it: a second socket object, made in Python
+    (family and type read as IntEnums, the descriptor detached, the timeout set,
+    the peer's address asked), about 41,000 instructions a connection (session
+    43) for nothing the connection used. An SNI callback is given the
+    SSLObject (``owner``). The C object holds `sock` and its owner by weak
+    reference only: the caller keeps both (`TLSConnection` does). ``session``
+    is offered for resumption through CPython's setter (a copy)."""
+    if server_side and server_hostname:
+        raise ValueError("server_hostname can only be specified in client mode")
+    if ctx.check_hostname and not server_side and not server_hostname:
+        raise ValueError("check_hostname requires server_hostname")
+    if sock.gettimeout() != 0.0:  # OpenSSL's BIO is made blocking or not now, for good
+        raise ValueError("TLS on a socket needs it non-blocking first")
+    hostname = None if server_hostname is None else _ascii_hostname(server_hostname)
+    tls = object.__new__(ssl.SSLObject)  # SSLObject() refuses: the constructor is private
+    tls._sslobj = ctx._wrap_socket(  # type: ignore[attr-defined]
+        sock, server_side, hostname, owner=tls, session=session
+    )
+    return tls
 
 
 def wrap_accepted(
@@ -1477,10 +1562,7 @@ def wrap_accepted(
     sock.setblocking(False)
     if nodelay:
         _nodelay(sock)
-    ssock = ctx.wrap_socket(
-        sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-    )
-    return TLSConnection(loop, ssock, **kw)
+    return TLSConnection(loop, sock, tls_on(sock, ctx, server_side=True), **kw)
 
 
 async def connect(
@@ -1529,23 +1611,13 @@ async def connect(
         sock = await open_tcp(host, port, underway, loop=loop, keep_writer=True)
         fd = sock.fileno()
         try:
-            ssock = ctx.wrap_socket(
-                sock,
-                server_hostname=server_hostname,
-                do_handshake_on_connect=False,
-                # A TCP FIN without close_notify must read as SSLEOFError, not as 0.
-                suppress_ragged_eofs=False,
-                session=session,
+            tls = tls_on(
+                sock, ctx, server_side=False, server_hostname=server_hostname, session=session
             )
+            conn = TLSConnection(loop, sock, tls, writer_registered=True, **kw)
         except BaseException:
             loop.remove_writer(fd)
             sock.close()
-            raise
-        try:
-            conn = TLSConnection(loop, ssock, writer_registered=True, **kw)
-        except BaseException:
-            loop.remove_writer(fd)
-            ssock.close()
             raise
         offered = False
         if kept_session is not None and conn._ssl is not None:
@@ -1558,11 +1630,11 @@ async def connect(
             if underway is None:
                 await conn.handshake(timeout)  # the outer timeout is the one that counts
                 return conn
-            underway.handshaking(ssock)
+            underway.handshaking(sock)
             try:
                 await conn.handshake(timeout, timed=False)
             finally:
-                underway.handshaking(ssock, False)
+                underway.handshaking(sock, False)
         except (ssl.SSLError, OSError) as exc:
             if offered and _refused_by_peer(exc):
                 raise SessionRefused(f"the TLS session offered was refused: {exc}") from exc
@@ -1678,7 +1750,7 @@ class Acceptor:
             self._listener.close()
 
 
-def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
+def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
     if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
         return _socket_failure(sock) or exc
     if exc.errno == errno.ETIMEDOUT:
@@ -1690,18 +1762,18 @@ def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
     return exc
 
 
-def _tcp_established(sock: ssl.SSLSocket) -> bool:
+def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
     peer's reset or FIN, nor after a timeout."""
     info = _tcp_info(sock)
     return not info or info[:1] == _TCP_ESTABLISHED
 
 
-def _tcp_info(sock: ssl.SSLSocket) -> bytes:
+def _tcp_info(sock: socket.socket) -> bytes:
     return read_tcp_info(sock)
 
 
-def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
+def _socket_failure(sock: socket.socket) -> OSError | None:
     """What failed the socket under SSL_read / SSL_write; None if it did not.
 
     CPython 3.11 and 3.12 on OpenSSL 3 report it as SSLEOFError without a
@@ -1755,7 +1827,7 @@ def _stopped_reading(info: bytes, user_timeout_ms: int) -> bool:
     return last_data_recv * 2 < user_timeout_ms
 
 
-def _user_timeout_ms(sock: ssl.SSLSocket) -> int:
+def _user_timeout_ms(sock: socket.socket) -> int:
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
     except (OSError, AttributeError):
