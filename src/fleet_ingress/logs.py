@@ -122,12 +122,49 @@ def _utc_second(second: int) -> str:
 # json.dumps(..., default=str) makes a JSONEncoder and its C encoder at each
 # call (a keyword not its default): made once, the same text (session 43).
 _JSON = json.JSONEncoder(default=str)
+# And JSONEncoder.encode makes its C encoder (and a float closure) at each
+# call too: the one it makes, made once. Without `markers` (the circular
+# check's dict, which a failed line would leave entries in): a line that holds
+# itself fails with RecursionError, not ValueError, dropped and counted alike.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # CPython's accelerator
+_ENCODE_LINE = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None,  # markers
+        _JSON.default,
+        json.encoder.encode_basestring_ascii,  # ensure_ascii
+        None,  # indent
+        _JSON.key_separator,
+        _JSON.item_separator,
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+)
+
+
+def _json_line(entry: dict[str, Any]) -> str:
+    """`_JSON.encode(entry)`, the same text."""
+    if _ENCODE_LINE is None:
+        return _JSON.encode(entry)
+    return "".join(_ENCODE_LINE(entry, 0))
+
+
+# The keys a line writes before its fields (a field of the same name takes its place).
+_HEAD_KEYS = frozenset(("time", "level", "logger", "event", "process", "exception"))
+HEADS_KEPT = 256
+"""Heads of lines (level, logger, event, process) a JsonFormatter keeps encoded."""
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, *, pid: bool = False) -> None:
         super().__init__()
         self.pid = pid  # several processes write one stream: say which wrote each line
+        # A line's level, logger, event and process, encoded as its head: a
+        # logger's lines (an access line a call) have a few of them, each
+        # encoded once, not again at each line.
+        self._heads: dict[tuple[str, str, str, int | None], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         return self.line(
@@ -153,8 +190,17 @@ class JsonFormatter(logging.Formatter):
         """The line of a record with these (its `created`, `msecs`, ...),
         fields `values` and `exception` (formatted): `format`'s, and
         `write_event`'s, which makes no record."""
+        when = f"{_utc_second(math.floor(created))}.{int(msecs):03d}Z"  # JSON as it is
+        if exception is None and type(values) is dict and values and _HEAD_KEYS.isdisjoint(values):
+            # The head, kept, and the fields after it: the text the whole
+            # line's encoding would give.
+            process = OwnProcess.pid if self.pid else None
+            head = self._heads.get((levelname, name, event, process))
+            if head is None:
+                head = self._head(levelname, name, event, process)
+            return f'{{"time": "{when}", {head}{_json_line(values)[1:]}'
         entry: dict[str, Any] = {
-            "time": f"{_utc_second(math.floor(created))}.{int(msecs):03d}Z",
+            "time": when,
             "level": levelname.lower(),
             "logger": name,
             "event": event,
@@ -164,7 +210,18 @@ class JsonFormatter(logging.Formatter):
         entry.update(values)
         if exception is not None:
             entry["exception"] = exception
-        return _JSON.encode(entry)
+        return _json_line(entry)
+
+    def _head(self, levelname: str, name: str, event: str, process: int | None) -> str:
+        """`"level": ..., "logger": ..., "event": ...[, "process": ...], `, kept."""
+        head: dict[str, Any] = {"level": levelname.lower(), "logger": name, "event": event}
+        if process is not None:
+            head["process"] = process
+        text = _json_line(head)[1:-1] + _JSON.item_separator
+        if len(self._heads) >= HEADS_KEPT:  # events of many texts (a library's own)
+            self._heads.clear()
+        self._heads[(levelname, name, event, process)] = text
+        return text
 
 
 _BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = and backslash

@@ -740,3 +740,77 @@ def test_write_event_follows_logging_disable_and_a_record_factory(fast_path):
         logging.setLogRecordFactory(real)
     (line,) = lines()
     assert json.loads(line)["event"] == "CALL ENDED"
+
+
+def test_a_json_line_is_what_json_dumps_writes_with_default_str():
+    """The line's encoder, made once (JSONEncoder.encode makes its C encoder
+    at each call): the same text as json.dumps(..., default=str) for every
+    kind of value a line's fields hold, and a line that cannot be made fails
+    as before (the sink drops and counts it)."""
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd ✓"
+
+    entry = {
+        "s": 'a "q" \\ é ✓ \x00',
+        "i": -12,
+        "big": 10**30,
+        "f": 0.1 + 0.2,
+        "whole": 3.0,
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "none": None,
+        "t": True,
+        "list": ["a conn-failure", 1, [2.5, None]],
+        "tuple": ("::1", 443),
+        "nested": {"k": {"deeper": [{}]}, 7: "int key", None: "none key", 1.5: "float key"},
+        "odd": Odd(),
+        "path": Path("/tmp/x"),
+    }
+    assert logs._json_line(entry) == json.dumps(entry, default=str)
+    with pytest.raises(TypeError):
+        logs._json_line({("a", 1): "tuple key"})
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises((ValueError, RecursionError)):
+        logs._json_line(circular)
+    assert logs._json_line({"after": "a failed line"}) == '{"after": "a failed line"}'
+
+
+@pytest.mark.parametrize("pid", [False, True])
+def test_a_json_line_is_its_head_and_fields_as_one_object_encoded_whole(pid):
+    """JsonFormatter.line keeps each (level, logger, event, process) head
+    encoded and encodes the fields alone: the text is what the whole object
+    json.dumps'd gives, field order kept, a field named as a head key taking
+    its place, no fields, an exception, and past HEADS_KEPT heads."""
+    formatter = JsonFormatter(pid=pid)
+    created = 1_765_000_000.25
+    when = "2025-12-06T05:46:40.250Z"
+
+    def whole(event: str, values: dict, exception: str | None = None) -> str:
+        entry = {"time": when, "level": "info", "logger": "fleet_ingress.access", "event": event}
+        if pid:
+            entry["process"] = logs.OwnProcess.pid
+        entry.update(values)
+        if exception is not None:
+            entry["exception"] = exception
+        return json.dumps(entry, default=str)
+
+    cases = [
+        ("call ended", A_CALL, None),
+        ("call ended", A_CALL, None),  # its head kept
+        ("call ended", {}, None),
+        ("call ended", {"n": 1, "event": "a field's", "time": 3, "process": "p"}, None),
+        ("call ended", {"n": 1}, "Traceback ..."),
+        ('an "odd" événement\n', {"n": 1}, None),
+    ] + [(f"event {i}", {"i": i}, None) for i in range(logs.HEADS_KEPT + 2)]
+    for event, values, exception in cases:
+        made = formatter.line(
+            created, 250.0, "INFO", "fleet_ingress.access", event, values, exception
+        )
+        assert made == whole(event, values, exception)
+    assert len(formatter._heads) <= logs.HEADS_KEPT
+    pairs = [("n", 1)]  # fields given as pairs, not a dict, as dict.update takes them
+    made = formatter.line(created, 250.0, "INFO", "fleet_ingress.access", "e", pairs)  # type: ignore[arg-type]
+    assert made == whole("e", dict(pairs))
