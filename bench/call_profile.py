@@ -23,7 +23,8 @@ time is the loop's idle wait). Prints the Python calls a call in all, the top
 functions (by calls a call) with their tottime share, and the same by module;
 each run's raw stats stay in ``DIR/nN/ingress.prof`` (``python -m pstats``).
 ``--access json`` (or ``text``) counts the access line a call too, written to the
-run's ``stderr.log`` (``bench.call_instructions``' option, the same config).
+run's ``stderr.log`` (``bench.call_instructions``' option, the same config): its
+event loop thread's part (cProfile sees that thread alone, not the log writer's).
 """
 
 from __future__ import annotations
