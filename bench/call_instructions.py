@@ -18,6 +18,15 @@ same calls, the difference over N2-N1)::
 
     python -m bench.call_instructions --counter strace --calls 20 120 --out /tmp/cs
 
+``--access json`` (or ``text``) counts the access line a production call writes:
+the config says ``[log] access = true``, ``level = "info"`` and that format (the
+bench's own is ``access = false``, level warning); the lines go to the run's
+``stderr.log`` file, written by the process's log-writer thread (counted), as a
+service's go to journald's stream socket or a pipe. A run's other info lines (its
+start, its stop) fall in both runs and cancel out::
+
+    python -m bench.call_instructions --access json --calls 50 250 --out /tmp/ci-access
+
 ``--target haproxy`` counts HAProxy the same way (``haproxy -db``, the config
 ``bench/harness/targets.py`` renders for the side-by-side runs): the same calls,
 the same fleet, one process, one thread.
@@ -109,6 +118,7 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
             counted = [binary, "-db", "-f", str(config)]
         else:
             config = render_ingress(settings, tls, port, [fleet_port], work)
+            with_access_line(config, args.access)
             one_process = REPO / "bench" / "one_process_ingress.py"
             counted = [sys.executable, str(one_process), "-c", str(config)]
         proc = launched.start([*counter, *counted])
@@ -118,6 +128,23 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
         stop_counted(proc, args.counter)
         proc.wait(timeout=120)
         return cg
+
+
+BENCH_LOG = 'level = "warning"\naccess = false\n'
+
+
+def with_access_line(config: Path, access: str | None) -> None:
+    """``config`` (render_ingress's) made to write an access line a call in the
+    format ``access`` ("json", "text"), at a production level (info); None: as
+    rendered (no access line)."""
+    if access is None:
+        return
+    text = config.read_text()
+    if BENCH_LOG not in text:
+        raise RuntimeError(f"{config}: no [log] section as render_ingress writes it")
+    config.write_text(
+        text.replace(BENCH_LOG, f'level = "info"\naccess = true\nformat = "{access}"\n')
+    )
 
 
 def stop_counted(proc: subprocess.Popen[bytes], counter: str) -> None:
@@ -201,6 +228,12 @@ def add_load_arguments(p: argparse.ArgumentParser, doing: str) -> None:
     p.add_argument("--messages", type=int, default=4, help="frames relayed each way a call")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--variant-pythonpath", help=f"src of the code to {doing} (default: this tree)")
+    p.add_argument(
+        "--access",
+        choices=("json", "text"),
+        help="write the access line a call (in this format, level info, to the run's "
+        "stderr.log) as production does; default: none (access = false)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

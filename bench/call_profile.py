@@ -22,6 +22,9 @@ more in the longer run is left out of that: the event loop's runner, whose own
 time is the loop's idle wait). Prints the Python calls a call in all, the top
 functions (by calls a call) with their tottime share, and the same by module;
 each run's raw stats stay in ``DIR/nN/ingress.prof`` (``python -m pstats``).
+``--access json`` (or ``text``) counts the access line a call too, written to the
+run's ``stderr.log`` (``bench.call_instructions``' option, the same config): its
+event loop thread's part (cProfile sees that thread alone, not the log writer's).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.call_instructions import add_load_arguments, warm_then_push
+from bench.call_instructions import add_load_arguments, warm_then_push, with_access_line
 from bench.harness.children import free_port, log
 from bench.harness.launch import Launched, fresh_dir, variant_env
 from bench.harness.targets import Settings, render_ingress
@@ -175,6 +178,7 @@ def profile_run(calls: int, out: Path, args: argparse.Namespace) -> Path:
         port = free_port()
         settings = Settings(maxconn=1000, check_interval=600.0, check_timeout=60.0, fall=1, rise=1)
         config = render_ingress(settings, tls, port, [fleet_port], work)
+        with_access_line(config, args.access)
         proc = launched.start(
             [sys.executable, "-m", "bench.call_profile", "--serve", str(config), str(stats)]
         )

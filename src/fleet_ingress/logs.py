@@ -122,26 +122,106 @@ def _utc_second(second: int) -> str:
 # json.dumps(..., default=str) makes a JSONEncoder and its C encoder at each
 # call (a keyword not its default): made once, the same text (session 43).
 _JSON = json.JSONEncoder(default=str)
+# And JSONEncoder.encode makes its C encoder (and a float closure) at each
+# call too: the one it makes, made once. Without `markers` (the circular
+# check's dict, which a failed line would leave entries in): a line that holds
+# itself fails with RecursionError, not ValueError, dropped and counted alike.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # CPython's accelerator
+_ENCODE_LINE = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None,  # markers
+        _JSON.default,
+        json.encoder.encode_basestring_ascii,  # ensure_ascii
+        None,  # indent
+        _JSON.key_separator,
+        _JSON.item_separator,
+        False,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+)
+
+
+def _json_line(entry: dict[str, Any]) -> str:
+    """`_JSON.encode(entry)`, the same text."""
+    if _ENCODE_LINE is None:
+        return _JSON.encode(entry)
+    return "".join(_ENCODE_LINE(entry, 0))
+
+
+# The keys a line writes before its fields (a field of the same name takes its place).
+_HEAD_KEYS = frozenset(("time", "level", "logger", "event", "process", "exception"))
+HEADS_KEPT = 256
+"""Heads of lines (level, logger, event, process) a JsonFormatter keeps encoded."""
 
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, *, pid: bool = False) -> None:
         super().__init__()
         self.pid = pid  # several processes write one stream: say which wrote each line
+        # A line's level, logger, event and process, encoded as its head: a
+        # logger's lines (an access line a call) have a few of them, each
+        # encoded once, not again at each line.
+        self._heads: dict[tuple[str, str, str, int | None], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
+        return self.line(
+            record.created,
+            record.msecs,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            getattr(record, _FIELDS, {}),
+            self.formatException(record.exc_info) if record.exc_info else None,
+        )
+
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        levelname: str,
+        name: str,
+        event: str,
+        values: dict[str, Any],
+        exception: str | None = None,
+    ) -> str:
+        """The line of a record with these (its `created`, `msecs`, ...),
+        fields `values` and `exception` (formatted): `format`'s, and
+        `write_event`'s, which makes no record."""
+        when = f"{_utc_second(math.floor(created))}.{int(msecs):03d}Z"  # JSON as it is
+        if exception is None and type(values) is dict and values and _HEAD_KEYS.isdisjoint(values):
+            # The head, kept, and the fields after it: the text the whole
+            # line's encoding would give.
+            process = OwnProcess.pid if self.pid else None
+            head = self._heads.get((levelname, name, event, process))
+            if head is None:
+                head = self._head(levelname, name, event, process)
+            return f'{{"time": "{when}", {head}{_json_line(values)[1:]}'
         entry: dict[str, Any] = {
-            "time": f"{_utc_second(math.floor(record.created))}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
+            "time": when,
+            "level": levelname.lower(),
+            "logger": name,
+            "event": event,
         }
         if self.pid:  # "process": a line's own fields may name another pid (a worker's)
             entry["process"] = OwnProcess.pid
-        entry.update(getattr(record, _FIELDS, {}))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return _JSON.encode(entry)
+        entry.update(values)
+        if exception is not None:
+            entry["exception"] = exception
+        return _json_line(entry)
+
+    def _head(self, levelname: str, name: str, event: str, process: int | None) -> str:
+        """`"level": ..., "logger": ..., "event": ...[, "process": ...], `, kept."""
+        head: dict[str, Any] = {"level": levelname.lower(), "logger": name, "event": event}
+        if process is not None:
+            head["process"] = process
+        text = _json_line(head)[1:-1] + _JSON.item_separator
+        if len(self._heads) >= HEADS_KEPT:  # events of many texts (a library's own)
+            self._heads.clear()
+        self._heads[(levelname, name, event, process)] = text
+        return text
 
 
 _BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = and backslash
@@ -177,16 +257,35 @@ class TextFormatter(logging.Formatter):
         self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
-        extra = getattr(record, _FIELDS, {})
-        # A field with no value (JSON's null) is left out, not written "None".
-        tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items() if v is not None)
-        if self.pid:
-            tail = f"{tail} process={OwnProcess.pid}" if tail else f"process={OwnProcess.pid}"
-        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
-        line = f"{line} {tail}" if tail else line
+        line = self.line(
+            record.created,
+            record.msecs,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            getattr(record, _FIELDS, {}),
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        levelname: str,
+        name: str,
+        event: str,
+        values: dict[str, Any],
+    ) -> str:
+        """The line of a record with these and fields `values`, no exception
+        (JsonFormatter.line's arguments; the text has no time)."""
+        # A field with no value (JSON's null) is left out, not written "None".
+        tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in values.items() if v is not None)
+        if self.pid:
+            tail = f"{tail} process={OwnProcess.pid}" if tail else f"process={OwnProcess.pid}"
+        line = f"{levelname.lower():7} {name}: {event}"
+        return f"{line} {tail}" if tail else line
 
 
 LINES_HELD = 10_000
@@ -248,6 +347,11 @@ class StderrSink(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.put(line)
+
+    def put(self, line: str) -> None:
+        """`line` (formatted) queued for the writer, or dropped and counted
+        past `capacity` lines waiting."""
         with self._changed:
             if len(self._lines) >= self.capacity:
                 self.dropped += 1
@@ -265,6 +369,9 @@ class StderrSink(logging.Handler):
     def handleError(self, record: logging.LogRecord) -> None:
         """A line that could not be made (a bad argument to its format): counted
         as dropped, not written to stderr from the caller's thread."""
+        self.count_dropped()
+
+    def count_dropped(self) -> None:
         with self._changed:
             self.dropped += 1
 
@@ -379,6 +486,64 @@ def flush_lines(timeout: float = FLUSH_WAIT) -> bool:
     """Wait up to `timeout` for this process's log lines to be written (before
     an exec or an `os._exit`, which would lose them); True if they were."""
     return _sink.flush(timeout) if _sink is not None else True
+
+
+def write_event(logger: logging.Logger, level: int, event: str, values: dict[str, Any]) -> None:
+    """`logger.log(level, event, extra=fields(**values))`, the same line,
+    without logging's record when its one way out is this process's sink.
+
+    Logging's way (a LogRecord, the logger's and the handler's checks, the
+    handler's lock, the formatter) cost an access line about 107k instructions
+    (callgrind, session 43); here the sink's formatter makes the line from the
+    event and the clock, and the sink queues it. Taken only when logging itself
+    would hand the record to the configured sink alone, as formatted: looked
+    at each line (`_sink_alone`), so a handler or a filter added since (pytest's
+    caplog, `logging.config`), a level changed or logging disabled has the
+    record made and handled by logging as before. `values` is not copied (nor
+    kept past the line): pass a dict of the line's own."""
+    sink = _sink_alone(logger, level)
+    if sink is None:
+        logger.log(level, event, extra={_FIELDS: values}, stacklevel=2)  # its caller's line
+        return
+    created = time.time()  # as LogRecord takes its time and msecs
+    msecs = int((created - int(created)) * 1000) + 0.0
+    try:
+        line = sink.formatter.line(  # type: ignore[union-attr]
+            created, msecs, logging.getLevelName(level), logger.name, event, values
+        )
+    except Exception:  # as the sink's emit: counted as dropped
+        sink.count_dropped()
+        return
+    sink.put(line)
+
+
+_LINE_FORMATTERS = (JsonFormatter, TextFormatter)
+
+
+def _sink_alone(logger: logging.Logger, level: int) -> StderrSink | None:
+    """The sink, when a record of `level` from `logger` would reach it and no
+    other handler (Logger.handle, Logger.callHandlers, Handler.handle in turn),
+    formatted by one of ours, the record made by LogRecord; else None."""
+    sink = _sink
+    if (
+        sink is None
+        or not logger.isEnabledFor(level)  # disabled, levels, logging.disable
+        or logger.filters
+        or sink.filters
+        or level < sink.level
+        or type(sink.formatter) not in _LINE_FORMATTERS
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    seen = 0
+    walked: logging.Logger | None = logger
+    while walked is not None:
+        for handler in walked.handlers:
+            if handler is not sink:
+                return None
+            seen += 1
+        walked = walked.parent if walked.propagate else None
+    return sink if seen == 1 else None
 
 
 def configure_logging(level: str = "info", fmt: str = "json", *, pid: bool = False) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from bench import call_instructions
+from bench.harness.targets import Settings, render_ingress
+from bench.harness.tlsfiles import TLSFiles
+
+from fleet_ingress.config.settings import load_config
 
 
 def test_openssl_and_the_rest_are_split_by_shared_object() -> None:
@@ -25,3 +30,19 @@ def test_openssl_and_the_rest_are_split_by_shared_object() -> None:
 def test_haproxy_s_own_binary_is_the_rest() -> None:
     per = {"self in [haproxy]": 150_000.0, "self in [libcrypto.so.3]": 7_000_000.0}
     assert call_instructions.openssl_and_rest(per) == (7_000_000.0, 150_000.0)
+
+
+def test_access_renders_the_line_a_production_call_writes(tmp_path) -> None:
+    """`--access json|text`: the config render_ingress writes, made to log the
+    access line at level info in that format, and loaded as such; without it
+    the bench's own (no access line, level warning)."""
+    tls = TLSFiles.write(tmp_path)
+    config = render_ingress(Settings(), tls, 8443, [9443], tmp_path)
+    call_instructions.with_access_line(config, None)
+    log = load_config(config).log
+    assert (log.access, log.level) == (False, "warning")
+    call_instructions.with_access_line(config, "text")
+    log = load_config(config).log
+    assert (log.access, log.level, log.format) == (True, "info", "text")
+    with pytest.raises(RuntimeError, match="no \\[log\\] section"):
+        call_instructions.with_access_line(config, "json")  # rendered once only

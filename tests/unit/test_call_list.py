@@ -596,3 +596,18 @@ def test_a_forked_child_has_its_own_pid_and_tag_in_its_call_ids():
     assert (int(pid), int(n)) == (int(child_pid), call.id) and pid != str(os.getpid())
     assert tag != parent_tag
     assert call.identity()["call"] == f"{os.getpid()}-{call.id}-{parent_tag}"
+
+
+def test_an_access_line_names_the_call_as_its_slot_request_did_and_as_one_that_asked_none():
+    """A guard (it passes before and after `access_record` took who the call
+    is from `described`, built at its first slot request, rather than making
+    `identity()` again): the same fields in the same order, identity's first."""
+    machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]
+    call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    call.ended_mono = call.started_mono + 1.5
+    asked_none = call.access_record()
+    assert call.described["call_id"] == call.id  # its slot request's
+    asked = call.access_record()
+    assert list(asked.items()) == list(asked_none.items())
+    assert list(asked)[: len(call.identity())] == list(call.identity())
+    assert "started_at" not in asked and "started_monotonic" not in asked

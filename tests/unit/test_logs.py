@@ -3,6 +3,7 @@ and the writer that keeps a stalled stderr off the caller's thread (a real pipe)
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -553,3 +554,263 @@ def test_a_line_a_full_disk_took_part_of_is_ended_not_glued_to_the_next(tmp_path
     assert before == 8 - len(ended[:-1])  # only the lines not written whole
     said = [e for e in whole if e["event"] == StderrSink.DROPPED]
     assert said and said[0]["dropped"] == before and after == before
+
+
+# write_event: the access line straight into the sink when that is logging's one way out.
+
+A_CALL = {
+    "call_id": 7,
+    "call": "41-7-ab",
+    "client_ip": "::1",
+    "bot_id": 'bøt "x" y=1',
+    "fleet": None,
+    "tried": ["a conn-failure", "b 101"],
+    "address": ("::1", 443),
+    "resumed": True,
+    "queued_ms": 0.0,
+    "duration_s": 1.25,
+}
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, str, dict]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.getMessage(), record.fields))  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def fast_path(monkeypatch: pytest.MonkeyPatch):
+    """A sink configured as configure_logging does (the module's own, alone on
+    the parent logger of `test.fast.access`), on a StringIO; the wall clock
+    still; the LogRecords made counted. Yields (logger, sink, lines, made).
+    The sink is made alone on its logger by `lines` (pytest's log capture
+    adds its handler to every logger that does not propagate, once the
+    fixtures are set up: write_event would take logging's way)."""
+    stream = io.StringIO()
+    sink = StderrSink(stream)
+    sink.setFormatter(JsonFormatter(pid=True))
+    parent = logging.getLogger("test.fast")
+    parent.propagate = False
+    parent.setLevel(logging.INFO)
+    logger = logging.getLogger("test.fast.access")
+    monkeypatch.setattr(logs, "_sink", sink)
+    monkeypatch.setattr(time, "time", lambda: 1_765_000_000.987654)
+    made: list[str] = []
+    real_init = logging.LogRecord.__init__
+
+    def counted(self, name, *args, **kwargs):
+        made.append(name)
+        real_init(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(logging.LogRecord, "__init__", counted)
+
+    def lines(*, alone: bool = False) -> list[str]:
+        """The lines written since last asked; `alone`: then the sink alone on its logger."""
+        assert sink.flush()
+        if alone:
+            parent.handlers[:] = [sink]
+        written = stream.getvalue().splitlines()
+        stream.seek(0)
+        stream.truncate()
+        return written
+
+    yield logger, sink, lines, made
+    parent.handlers[:] = []
+    logger.handlers[:] = []
+    logger.filters[:] = []
+    logger.setLevel(logging.NOTSET)
+    logger.disabled = False
+
+
+@pytest.mark.parametrize("fmt", [JsonFormatter, TextFormatter])
+@pytest.mark.parametrize("pid", [False, True])
+def test_write_event_writes_logging_s_line_byte_for_byte_and_makes_no_record(fast_path, fmt, pid):
+    """The access line's fast path (logging's record, checks, handler lock and
+    formatter: about 107k instructions a call, session 43): the same bytes as
+    `logger.info(event, extra=fields(...))` at the same clock, in both formats,
+    with and without the process; no LogRecord made."""
+    logger, sink, lines, made = fast_path
+    lines(alone=True)
+    sink.setFormatter(fmt(pid=pid))
+    logger.info("call ended", extra=fields(**A_CALL))
+    assert made == ["test.fast.access"]
+    logs.write_event(logger, logging.INFO, "call ended", dict(A_CALL))
+    assert made == ["test.fast.access"], "write_event made a record"
+    by_logging, by_write_event = lines()
+    assert by_write_event == by_logging
+
+
+def _handler_on_logger(logger, sink):
+    logger.addHandler(_Kept())
+
+
+def _handler_on_parent(logger, sink):
+    logger.parent.addHandler(_Kept())
+
+
+def _filter_on_logger(logger, sink):
+    logger.addFilter(lambda record: setattr(record, "fields", {"filtered": 1}) or True)
+
+
+def _filter_on_sink(logger, sink):
+    sink.addFilter(lambda record: False)
+
+
+def _level_raised(logger, sink):
+    logger.setLevel(logging.WARNING)
+
+
+def _sink_level_raised(logger, sink):
+    sink.setLevel(logging.WARNING)
+
+
+def _logger_disabled(logger, sink):
+    logger.disabled = True  # as logging.config's disable_existing_loggers does
+
+
+def _formatter_of_its_own(logger, sink):
+    class Marked(JsonFormatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return "marked " + super().format(record)
+
+    sink.setFormatter(Marked())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _handler_on_logger,
+        _handler_on_parent,
+        _filter_on_logger,
+        _filter_on_sink,
+        _level_raised,
+        _sink_level_raised,
+        _logger_disabled,
+        _formatter_of_its_own,
+    ],
+)
+def test_write_event_does_what_logging_does_once_its_way_out_is_changed(fast_path, change):
+    """A handler or filter added, a level raised, a logger disabled, a
+    formatter of one's own: write_event hands the record to logging, which
+    does what it did (the same lines, the same records to the handlers)."""
+    logger, sink, lines, made = fast_path
+
+    def outcome(log) -> tuple[list[str], list]:
+        log()
+        kept = [h for lg in (logger, logger.parent) for h in lg.handlers if isinstance(h, _Kept)]
+        got = [r for h in kept for r in h.records]
+        for h in kept:
+            h.records.clear()
+        return lines(), [(name, event, dict(values)) for name, event, values in got]
+
+    lines(alone=True)
+    change(logger, sink)
+    by_logging = outcome(lambda: logger.info("call ended", extra=fields(**A_CALL)))
+    records_by_logging = len(made)
+    by_write_event = outcome(
+        lambda: logs.write_event(logger, logging.INFO, "call ended", dict(A_CALL))
+    )
+    assert by_write_event == by_logging
+    assert len(made) == 2 * records_by_logging
+
+
+def test_write_event_follows_logging_disable_and_a_record_factory(fast_path):
+    logger, _, lines, made = fast_path
+    lines(alone=True)
+    logging.disable(logging.INFO)
+    try:
+        logs.write_event(logger, logging.INFO, "call ended", dict(A_CALL))
+        assert lines() == [] and made == []
+    finally:
+        logging.disable(logging.NOTSET)
+    real = logging.getLogRecordFactory()
+
+    def shouting(*args, **kwargs):
+        record = real(*args, **kwargs)
+        record.msg = record.msg.upper()
+        return record
+
+    logging.setLogRecordFactory(shouting)
+    try:
+        logs.write_event(logger, logging.INFO, "call ended", dict(A_CALL))
+    finally:
+        logging.setLogRecordFactory(real)
+    (line,) = lines()
+    assert json.loads(line)["event"] == "CALL ENDED"
+
+
+def test_a_json_line_is_what_json_dumps_writes_with_default_str():
+    """The line's encoder, made once (JSONEncoder.encode makes its C encoder
+    at each call): the same text as json.dumps(..., default=str) for every
+    kind of value a line's fields hold, and a line that cannot be made fails
+    as before (the sink drops and counts it)."""
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd ✓"
+
+    entry = {
+        "s": 'a "q" \\ é ✓ \x00',
+        "i": -12,
+        "big": 10**30,
+        "f": 0.1 + 0.2,
+        "whole": 3.0,
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "none": None,
+        "t": True,
+        "list": ["a conn-failure", 1, [2.5, None]],
+        "tuple": ("::1", 443),
+        "nested": {"k": {"deeper": [{}]}, 7: "int key", None: "none key", 1.5: "float key"},
+        "odd": Odd(),
+        "path": Path("/tmp/x"),
+    }
+    assert logs._json_line(entry) == json.dumps(entry, default=str)
+    with pytest.raises(TypeError):
+        logs._json_line({("a", 1): "tuple key"})
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises((ValueError, RecursionError)):
+        logs._json_line(circular)
+    assert logs._json_line({"after": "a failed line"}) == '{"after": "a failed line"}'
+
+
+@pytest.mark.parametrize("pid", [False, True])
+def test_a_json_line_is_its_head_and_fields_as_one_object_encoded_whole(pid):
+    """JsonFormatter.line keeps each (level, logger, event, process) head
+    encoded and encodes the fields alone: the text is what the whole object
+    json.dumps'd gives, field order kept, a field named as a head key taking
+    its place, no fields, an exception, and past HEADS_KEPT heads."""
+    formatter = JsonFormatter(pid=pid)
+    created = 1_765_000_000.25
+    when = "2025-12-06T05:46:40.250Z"
+
+    def whole(event: str, values: dict, exception: str | None = None) -> str:
+        entry = {"time": when, "level": "info", "logger": "fleet_ingress.access", "event": event}
+        if pid:
+            entry["process"] = logs.OwnProcess.pid
+        entry.update(values)
+        if exception is not None:
+            entry["exception"] = exception
+        return json.dumps(entry, default=str)
+
+    cases = [
+        ("call ended", A_CALL, None),
+        ("call ended", A_CALL, None),  # its head kept
+        ("call ended", {}, None),
+        ("call ended", {"n": 1, "event": "a field's", "time": 3, "process": "p"}, None),
+        ("call ended", {"n": 1}, "Traceback ..."),
+        ('an "odd" événement\n', {"n": 1}, None),
+    ] + [(f"event {i}", {"i": i}, None) for i in range(logs.HEADS_KEPT + 2)]
+    for event, values, exception in cases:
+        made = formatter.line(
+            created, 250.0, "INFO", "fleet_ingress.access", event, values, exception
+        )
+        assert made == whole(event, values, exception)
+    assert len(formatter._heads) <= logs.HEADS_KEPT
+    pairs = [("n", 1)]  # fields given as pairs, not a dict, as dict.update takes them
+    made = formatter.line(created, 250.0, "INFO", "fleet_ingress.access", "e", pairs)  # type: ignore[arg-type]
+    assert made == whole("e", dict(pairs))

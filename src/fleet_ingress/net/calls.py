@@ -358,8 +358,12 @@ class Call:
         the last alone; the common call's line is not made longer. Cut past
         LOGGED_TRIED entries (`logged_tried`)."""
         machine = self.machine
+        # Who the call is as its slot requests said it (`described`, built at
+        # the first: the same fields, none of which changes in a call's life),
+        # not made again; a call that asked no slot has it made now.
+        described = self._described
         record = {
-            **self.identity(),
+            **(self.identity() if described is None else described),
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
             "attempts": self.attempts,
@@ -373,6 +377,8 @@ class Call:
             # what failed, for a call a side's error ended.
             "detail": None if machine is None else machine.answer_text or machine.error_text,
         }
+        if described is not None:  # its start as the slot request carries it
+            del record["started_at"], record["started_monotonic"]
         if machine is not None and (tried := machine.attempts_said()) is not None:
             record["tried"] = logged_tried(tried)
         return record

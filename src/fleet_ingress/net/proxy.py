@@ -109,7 +109,7 @@ from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.core.ws_frames import GAVE_UP, FrameTracker, close_frame
-from fleet_ingress.logs import RateLimitedLog, fields
+from fleet_ingress.logs import RateLimitedLog, fields, write_event
 from fleet_ingress.net import fleet_sessions
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
@@ -1234,7 +1234,7 @@ class CarrierProtocol(_Side):
             return
         call.quiet = None
         if ctx.access_log:
-            access_log.info("call ended", extra=fields(**call.access_record()))
+            write_event(access_log, logging.INFO, "call ended", call.access_record())
         if (lease := self._held_lease()) is not None:
             lease.call_logged()  # its worker's death now is no second line
 
