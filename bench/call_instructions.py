@@ -29,7 +29,10 @@ start, its stop) fall in both runs and cancel out::
 
 ``--target haproxy`` counts HAProxy the same way (``haproxy -db``, the config
 ``bench/harness/targets.py`` renders for the side-by-side runs): the same calls,
-the same fleet, one process, one thread.
+the same fleet, one process, one thread.  ``--target bare-bio`` counts the floor of
+the design the same way (``bench/bare_bio_splice.py``: the socket-BIO relay
+with no head parsing, routing, slot, retry or log; its fleet TLS
+session resumed as the ingress does: ``BARE_BIO_REUSE=1``).
 
 Prints instructions per call in total, OpenSSL's own against the rest (the part
 that tells two proxies' CPU apart: ``openssl_and_rest``), and by function group
@@ -54,7 +57,13 @@ from bench.harness import callgrind, profile
 from bench.harness.carrier import FramePool, Recorder, echoed_calls
 from bench.harness.children import HOST, REPO, free_port, log
 from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
-from bench.harness.targets import Settings, haproxy_binary, render_haproxy, render_ingress
+from bench.harness.targets import (
+    BARE_SPLICES,
+    Settings,
+    haproxy_binary,
+    render_haproxy,
+    render_ingress,
+)
 from bench.harness.tlsfiles import TLSFiles
 
 STEP = 30.0  # seconds any one step of a call may take under callgrind
@@ -92,7 +101,10 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
     """One run under callgrind with ``calls`` counted calls; the callgrind file."""
     work = fresh_dir(out / f"n{calls}")
     tls = TLSFiles.write(work)
-    with Launched(work, variant_env(args.variant_pythonpath)) as launched:
+    env = variant_env(args.variant_pythonpath)
+    if args.target == "bare-bio":
+        env["BARE_BIO_REUSE"] = "1"  # fleet TLS sessions resumed, as the ingress does
+    with Launched(work, env) as launched:
         fleet_port = launched.fleet("fleet-a")
         port = free_port()
         # The first probe, at the start, runs under callgrind (or beside it) too: on
@@ -116,6 +128,12 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
             unchecked = config.read_text().replace("default-server check ", "default-server ")
             config.write_text(unchecked)
             counted = [binary, "-db", "-f", str(config)]
+        elif args.target == "bare-bio":
+            # The floor of the design (no head, route, slot, log): what any call of
+            # the ingress's socket-BIO layer costs at least.
+            counted = [sys.executable, str(BARE_SPLICES["bare-bio"]), "--listen", f"{HOST}:{port}"]
+            counted += ["--cert", str(tls.server_cert), "--key", str(tls.server_key)]
+            counted += ["--ca", str(tls.ca), "--fleet", f"{HOST}:{fleet_port}"]
         else:
             config = render_ingress(settings, tls, port, [fleet_port], work)
             with_access_line(config, args.access)
@@ -239,7 +257,7 @@ def add_load_arguments(p: argparse.ArgumentParser, doing: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_load_arguments(p, "count")
-    p.add_argument("--target", choices=("ingress", "haproxy"), default="ingress")
+    p.add_argument("--target", choices=("ingress", "haproxy", "bare-bio"), default="ingress")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")
     p.add_argument("--top", type=int, default=40)
     p.add_argument(
