@@ -8,6 +8,7 @@ real TLS, fleets on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -147,6 +148,56 @@ async def test_a_worker_killed_right_after_logging_calls_writes_no_second_line(
         assert not [e for e in own if "worker_pid" in e]
         died = [e for e in service.log() if e["event"].startswith("worker died")]
         assert [(e["pid"], e["calls_lost"]) for e in died] == [(victim["pid"], 4 - len(own))]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+def _call_tables(pid: int) -> int:
+    """The call tables (memfds) process `pid` holds open."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            held += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(
+                "/memfd:fleet-ingress worker calls"
+            )
+    return held
+
+
+async def test_an_old_workers_table_outlives_the_exec_and_names_its_calls_when_it_dies(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """An upgrade re-executes the supervisor: the tables of the workers it
+    started go over the exec (named in the state carried), so one of the old
+    generation killed after it gets one line per call it held, read from its
+    table. Before, the new image had none of them (one memfd: its new worker's)."""
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        (old,) = (await service.stats())["workers"]
+        for i in range(3):
+            calls.append(await _open(service, tls_files, f"exec-{i}"))
+            await echo(calls[-1])
+        assert _call_tables(service.proc.pid) == 1
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def upgraded() -> bool:
+            return any(str(e.get("event")).startswith("upgrade done") for e in service.log())
+
+        async with asyncio.timeout(60):
+            while not upgraded():
+                await asyncio.sleep(0.1)
+        assert _call_tables(service.proc.pid) == 2  # the old worker's and the new one's
+        os.kill(old["pid"], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not [
+                e for e in service.log() if e.get("event") == "old-generation worker exited"
+            ]:
+                await asyncio.sleep(0.05)
+        lines = _ended_lines(service, "exec-")
+        assert Counter(e["bot_id"] for e in lines) == {f"exec-{i}": 1 for i in range(3)}, lines
+        assert all(e["worker_pid"] == old["pid"] and e["status"] == 101 for e in lines), lines
+        assert _call_tables(service.proc.pid) == 1  # the dead worker's closed once read
     finally:
         await close_calls(calls)
         await service.finish()

@@ -34,6 +34,23 @@ def make_table(count: int = call_table.COUNT) -> int:
     return fd
 
 
+def taken_over(fd: Any) -> int | None:
+    """`fd` as the state an exec carried says it (`service.upgrade_sequence`):
+    the table of a worker of the previous image, now this image's (not
+    inherited by what it starts), or None when it is none (a number from
+    another release, an fd closed): that worker's calls are then those the
+    supervisor hears of."""
+    if type(fd) is not int or fd < 0:
+        return None
+    try:
+        if os.pread(fd, len(call_table.MAGIC), 0) != call_table.MAGIC:
+            return None
+        os.set_inheritable(fd, False)
+    except OSError:
+        return None
+    return fd
+
+
 def read_table_fd(fd: int) -> dict[int, tuple[int, dict[str, Any]]]:
     """What table `fd` holds (`core.call_table.read_table`); ValueError or
     OSError when it cannot be read."""
