@@ -57,12 +57,13 @@ _RECORD = struct.Struct(
     f"<BB6xQddd7H{_TEXT_AT - _FIXED.size}x" + "".join(f"{n}s" for n in TEXT_BYTES)
 )
 assert _RECORD.size <= RECORD_SIZE
+assert TEXT_BYTES == (64, 128, 32, 64, 512, 1024, 128)  # as `write_live` spells them
 _FLEET_LEN_AT = _FIXED.size - 2
 _FLEET_AT = _TEXT_AT + sum(TEXT_BYTES[:-1])
 _ANSWERED_AT = 1
 _ANSWERED_TIME_AT = 32
 _NAN = math.nan
-_CALL_TEXT = tuple(zip(TEXT_FIELDS[:-1], TEXT_BYTES[:-1], strict=True))  # the call's own
+_U16, _F64 = struct.Struct("<H"), struct.Struct("<d")
 
 
 def table_size(count: int = COUNT) -> int:
@@ -90,19 +91,24 @@ def read_header(data: bytes | memoryview) -> int:
 
 
 def _text(value: Any, most: int) -> tuple[int, bytes]:
+    if type(value) is str:
+        try:
+            data = value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: replaced, as a log line does
+            data = value.encode("utf-8", "replace")
+        if len(data) > most:
+            data = data[:most].decode("utf-8", "ignore").encode()
+        return len(data), data
     if type(value) is int:  # a call's id: a number, kept one
         data = str(value).encode()
         return (len(data) | _INT, data) if len(data) <= most else (_NONE, b"")
-    if not isinstance(value, str):
-        return _NONE, b""
-    data = value.encode("utf-8", "replace")
-    if len(data) > most:
-        data = data[:most].decode("utf-8", "ignore").encode()
-    return len(data), data
+    if isinstance(value, str):  # a str subclass: as its text
+        return _text(str(value), most)
+    return _NONE, b""
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if type(value) is float or type(value) is int:
         return float(value)
     return _NAN
 
@@ -118,20 +124,27 @@ def write_live(
     it; `fleet` where granted) at `index`: FREE first, LIVE last."""
     at = record_offset(index)
     buf[at] = FREE
-    texts = [_text(call.get(name), most) for name, most in _CALL_TEXT]
-    texts.append(_text(fleet, TEXT_BYTES[-1]))
+    get = call.get
+    # One by one, not a loop: a churned call's every grant runs this.
+    a = _text(get("call_id"), 64)
+    b = _text(get("call"), 128)
+    c = _text(get("started"), 32)
+    d = _text(get("client_ip"), 64)
+    e = _text(get("route"), 512)
+    f = _text(get("bot_id"), 1024)
+    g = _text(fleet, 128)
     _RECORD.pack_into(
         buf,
         at,
         FREE,
         0,
         lease,
-        _number(call.get("started_at")),
-        _number(call.get("started_monotonic")),
+        _number(get("started_at")),
+        _number(get("started_monotonic")),
         _NAN,
-        *(n for n, _ in texts),
-        *(data for _, data in texts),
-    )
+        a[0], b[0], c[0], d[0], e[0], f[0], g[0],
+        a[1], b[1], c[1], d[1], e[1], f[1], g[1],
+    )  # fmt: skip
     buf[at] = LIVE
 
 
@@ -140,13 +153,13 @@ def write_fleet(buf: memoryview | bytearray, index: int, fleet: str) -> None:
     at = record_offset(index)
     n, data = _text(fleet, TEXT_BYTES[-1])
     buf[at + _FLEET_AT : at + _FLEET_AT + n] = data
-    struct.pack_into("<H", buf, at + _FLEET_LEN_AT, n)
+    _U16.pack_into(buf, at + _FLEET_LEN_AT, n)
 
 
 def write_answered(buf: memoryview | bytearray, index: int, at_monotonic: float) -> None:
     """Its fleet answered 101 at `at_monotonic`: the time, then the flag."""
     at = record_offset(index)
-    struct.pack_into("<d", buf, at + _ANSWERED_TIME_AT, at_monotonic)
+    _F64.pack_into(buf, at + _ANSWERED_TIME_AT, at_monotonic)
     buf[at + _ANSWERED_AT] = 1
 
 
