@@ -122,3 +122,33 @@ def test_a_dead_workers_lost_calls_are_its_live_records_and_what_had_none() -> N
     assert lost[1]["answered_monotonic"] == 9.0
     assert lost[2]["call_id"] == 2 and lost[2]["fleet"] == "b"
     assert lost[6] == known[6]
+
+
+def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() -> None:
+    """Past its records a call has none (`open` False: its acquire, logged and
+    release are told at once); the supervisor reads what the worker wrote."""
+    import os
+
+    from fleet_ingress.net.call_table_map import (
+        CALL_TABLE_ENV,
+        CallTableWriter,
+        make_table,
+        read_table_fd,
+    )
+
+    fd = make_table(count=2)
+    try:
+        os.environ[CALL_TABLE_ENV] = str(os.dup(fd))
+        writer = CallTableWriter.from_env()
+        assert writer is not None and CALL_TABLE_ENV not in os.environ
+        assert [writer.open(n, CALL, "a") for n in (1, 2, 3)] == [True, True, False]
+        assert writer.logged(1) and not writer.logged(3)
+        assert writer.over(1) and not writer.over(3)
+        assert writer.open(4, CALL, None)
+        writer.granted(4, "b")
+        assert {n: (s, c["fleet"]) for n, (s, c) in read_table_fd(fd).items()} == {
+            2: (t.LIVE, "a"),
+            4: (t.LIVE, "b"),
+        }
+    finally:
+        os.close(fd)
