@@ -142,3 +142,42 @@ def lost_call_record(
     )
     record["worker_pid"] = worker_pid
     return record
+
+
+_LIVE = 1  # core.call_table.LIVE (not imported: this module reads dicts alone)
+
+
+def lost_with_table(
+    known: dict[int, dict[str, Any]], table: dict[int, tuple[int, dict[str, Any]]]
+) -> dict[int, dict[str, Any]]:
+    """The calls a dead worker took with it, by lease: `known` is what the
+    supervisor heard of its open leases (the acquire's "call", its bytes
+    and 101, "fleet" where it held a slot), `table` what its call table
+    (`core.call_table.read_table`) says, by lease: (state, call).
+
+    A lease the table shows live is lost, whether or not its acquire reached
+    the supervisor (it may have been held), its line made of both (what the
+    supervisor heard over what the table says, a 101 from either). One the
+    table shows ended, or one whose acquire said it was recorded
+    ("in_table") and the table no longer has (ended, its record reused),
+    had its line written: none here. A lease known by its fleet alone (its
+    call's "logged" came, its slot still held) had it too. The rest (no
+    record: the table was full) are lost as the supervisor heard them."""
+    lost: dict[int, dict[str, Any]] = {}
+    for lease, (state, recorded) in table.items():
+        if state != _LIVE:
+            continue
+        call = dict(recorded)
+        heard = known.get(lease, {})
+        call.update((key, value) for key, value in heard.items() if value is not None)
+        if recorded.get("status") == 101 and heard.get("status") != 101:
+            call["status"] = 101
+            call["answered_monotonic"] = recorded.get("answered_monotonic")
+        lost[lease] = call
+    for lease, call in known.items():
+        if lease in table or call.get("in_table") is True:
+            continue
+        if "call_id" not in call and "call" not in call:
+            continue  # logged already: only its held slot was left
+        lost[lease] = call
+    return lost

@@ -53,6 +53,7 @@ from typing import Any, cast
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.slot_budget import Budget, BudgetFleet
 from fleet_ingress.logs import fields
+from fleet_ingress.net.call_table_map import CallTableWriter
 from fleet_ingress.net.dispatch import NoFleetAvailable
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import PatientTimer
@@ -94,9 +95,10 @@ STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
 # the next write (or ANSWERS_FLUSH), as a release into the budget and "logged"
 # do ("held"). Held, the supervisor wakes about 0.5 times a churned call
 # instead of 1.3 (bench/README, session 43); but a worker killed within
-# ANSWERS_FLUSH of a grant takes that call with it unnamed, and the
-# supervisor writes no access line for it (SPEC: a lost call is logged). So
-# by default ("1") it goes at once.
+# ANSWERS_FLUSH of a grant would take that call with it unnamed but for its
+# record in the worker's call table (`net.call_table_map`), which the
+# supervisor reads when it dies: held only for a call that has one. By
+# default ("1") it goes at once.
 HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 
 
@@ -263,6 +265,10 @@ class SlotClient(asyncio.Protocol):
         # back too then (`_handle`, "granted"). Cleared as the budget ends.
         self._gave_up_standing: set[int] = set()
         self.budget_granted_total = 0  # calls granted from budgets over its life
+        # Its calls' records in the table the supervisor reads when this
+        # process dies (`net.call_table_map`): a call with one may have its
+        # "acquire", "logged" and "release" held. None: every call is told.
+        self.table: CallTableWriter | None = None
 
     @classmethod
     async def connect(
@@ -314,6 +320,8 @@ class SlotClient(asyncio.Protocol):
         if call is not None:
             asking["call"] = call
             self._calls[lease_id] = call
+            if self.table is not None and self.table.open(lease_id, call, None):
+                asking["table"] = True  # the supervisor trusts its record when it dies
         self._write(asking)
         # Put off after a stall (net.late_timers): a grant waiting unread in the
         # channel is taken before the wait is given up.
@@ -350,10 +358,15 @@ class SlotClient(asyncio.Protocol):
         asking["fleet"] = name  # counted as the host's grant on it (`HostSlots.count_granted`)
         if self._standing:
             asking["standing"] = True  # `HostSlots.grant_standing`
+        recorded = False
         if call is not None:
             asking["call"] = call
             self._calls[lease_id] = call
-        if self._standing and HOLD_BUDGET_GRANTS:
+            if self.table is not None and self.table.open(lease_id, call, name):
+                asking["table"] = recorded = True
+        if self._standing and HOLD_BUDGET_GRANTS and recorded:
+            # Its record names the call should this process die before the
+            # acquire goes: the supervisor reads the table then.
             self._hold(asking)
         else:
             self._write(asking)
@@ -444,25 +457,33 @@ class SlotClient(asyncio.Protocol):
         self._calls.pop(lease_id, None)
         self._held.pop(lease_id, None)
         self._in_flight.discard(lease_id)
+        if self.table is not None:
+            self.table.over(lease_id)
         return self._pending.pop(lease_id, None)
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
+        recorded = self.table is not None and self.table.logged(lease_id)
         self._over(lease_id)
         kept = False
         if future.done() and not future.cancelled() and future.exception() is None:
             kept = self._given_back(future.result())  # granted, never used: ours no more
         elif self._standing:
             self._gave_up_standing.add(lease_id)
-        self._tell({"op": "release", "id": lease_id}, hold=kept)
+        self._tell({"op": "release", "id": lease_id}, hold=kept and recorded)
 
     def _release(self, lease: RemoteLease) -> None:
         kept = self._given_back(lease.fleet)
+        # Held only for a call with a record: it reads ENDED should this process
+        # die first. Without one, the supervisor would write its line again.
+        recorded = self.table is not None and self.table.logged(lease.id)
         self._over(lease.id)
-        self._tell({"op": "release", "id": lease.id}, hold=kept)
+        self._tell({"op": "release", "id": lease.id}, hold=kept and recorded)
 
     def _logged(self, lease_id: int) -> None:
         if self._calls.pop(lease_id, None) is not None:
-            self._tell({"op": "logged", "id": lease_id}, hold=True)
+            # ENDED before "logged" is held: a death now writes no second line.
+            recorded = self.table is not None and self.table.logged(lease_id)
+            self._tell({"op": "logged", "id": lease_id}, hold=recorded)
 
     def _given_back(self, fleet: FleetState) -> bool:
         """A slot held on `fleet` is given back (released, or granted to a call
@@ -492,6 +513,8 @@ class SlotClient(asyncio.Protocol):
         self._flush_soon()
 
     def _answered(self, lease_id: int, at: float) -> None:
+        if self.table is not None:
+            self.table.answered(lease_id, at)
         self._in_flight.discard(lease_id)
         self._answers.append([lease_id, at])
         self._flush_soon()
@@ -706,6 +729,8 @@ class SlotClient(asyncio.Protocol):
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
             self._in_flight.add(lease_id)
+            if self.table is not None:
+                self.table.granted(lease_id, fleet.name)
             future.set_result(fleet)
         else:  # "refused"
             asked = self._asked.get(lease_id)

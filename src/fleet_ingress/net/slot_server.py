@@ -322,6 +322,16 @@ class SlotServer:
         """The calls channel `key` has open now (an exec carries them)."""
         return dict(self._calls.get(key, {}))
 
+    def _keep_call(
+        self, key: int, lease: int, call: dict[str, Any], message: dict[str, Any]
+    ) -> None:
+        kept = call_kept(call)
+        if message.get("table") is True:
+            # The worker recorded it in its call table: read when it dies, the
+            # table says whether it is still live (`core.lost_calls.lost_with_table`).
+            kept = {**kept, "in_table": True}
+        self._calls.setdefault(key, {})[lease] = kept
+
     def _forget_call(self, key: int, lease: int) -> None:
         calls = self._calls.get(key)
         if calls is not None:
@@ -972,7 +982,7 @@ class SlotServer:
                     if isinstance(call := message.get("call"), dict):
                         # Counted in its "state", but only there said who the call
                         # is: kept (its "state" says whether it is still open).
-                        self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
+                        self._keep_call(channel.key, lease, call, message)
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
@@ -1005,7 +1015,7 @@ class SlotServer:
                 # Granted by the worker from its standing budget: the host's grant.
                 self.slots.grant_standing(channel.key, lease, field(message, "fleet", str))
                 if isinstance(call := message.get("call"), dict):
-                    self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
+                    self._keep_call(channel.key, lease, call, message)
                 return
             if message.get("budget") is True:
                 # Granted by the worker from its budget: read before its "state"
@@ -1026,7 +1036,7 @@ class SlotServer:
                 channel.send({"op": "refused", "id": lease, "reason": reason, "queued": False})
                 return
             if isinstance(call := message.get("call"), dict):
-                self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
+                self._keep_call(channel.key, lease, call, message)
             if answer is None:
                 self._arm()
                 self._review_standing()  # a call waits: budgets are taken back

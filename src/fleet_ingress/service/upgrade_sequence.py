@@ -51,6 +51,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
+from fleet_ingress.net.call_table_map import taken_over
 from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.slot_server import HandoverError, SlotServer, channel_key
 from fleet_ingress.net.tls import CarrierPem
@@ -816,6 +817,11 @@ class UpgradeSequence:
                     else supervisor.server.not_counted_yet(w.key)[1],
                     # process.cpu_affinity: a replacement started later takes another CPU.
                     "cpu": w.cpu,
+                    # Its call table's fd, kept open over the exec (`_reexec`): a
+                    # worker of this generation dying after it still has its
+                    # lost calls' lines. Not in a crash snapshot: an fd number
+                    # means nothing to a process that did not inherit it.
+                    "call_table_fd": w.call_table_fd if handover else None,
                     # What it said of each call open on its channel, and of those
                     # open when its channel ended: their access lines if lost.
                     "calls": _calls_to_json(supervisor.server.calls_of(w.key)) if handover else {},
@@ -892,10 +898,19 @@ class UpgradeSequence:
                 executable=sys.executable,
             ),
         )
+        tables = [
+            w.call_table_fd
+            for w in self.supervisor.pool.workers.values()
+            if w.call_table_fd is not None
+        ]
         try:
+            for table in tables:  # named in the state carried (`call_table_fd`)
+                os.set_inheritable(table, True)
             reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
         except OSError as exc:
             os.close(fd)
+            for table in tables:
+                os.set_inheritable(table, False)
             raise _ExecFailed(exc, kept) from exc
 
     async def _take_back(self, kept: dict[str, socket.socket]) -> None:
@@ -952,6 +967,7 @@ class UpgradeSequence:
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
             worker.calls_at_leave = _calls_from_json(carried.get("calls_at_leave"))
+            worker.call_table_fd = self._carried_table(carried)
             if worker.retiring:
                 self._arm_carried_backstop(worker, carried)
             worker.joined.set()
@@ -1048,6 +1064,7 @@ class UpgradeSequence:
                 replaced=True,  # its replacement came over in "respawns"
                 calls_at_leave=_calls_from_json(carried.get("calls_at_leave")),
             )
+            worker.call_table_fd = self._carried_table(carried)
             worker.joined.set()
             worker.left.set()
             held = carried.get("held")
@@ -1066,6 +1083,13 @@ class UpgradeSequence:
                 if not worker.channel_lost:  # its channel ended just before the exec
                     self.supervisor.pool.confirm_channel_lost_later(worker)
             self.supervisor.pool.add_worker(worker)
+
+    def _carried_table(self, carried: dict[str, Any]) -> int | None:
+        """The call table of a worker the previous image carried over its
+        exec (`call_table_fd`); None after a crash, which inherits none."""
+        if self.crash_restart:
+            return None
+        return taken_over(carried.get("call_table_fd"))
 
     async def wait_table_restored(self) -> None:
         """Before an operator's fleet change (drain, maint, ready, add, remove):

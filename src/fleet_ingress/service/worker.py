@@ -85,6 +85,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
+from fleet_ingress.net.call_table_map import CALL_TABLE_ENV, CallTableWriter
 from fleet_ingress.net.calls import end_call, list_live_then_closing, process_tag
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.fleet_down import give_up_leases
@@ -385,6 +386,21 @@ class Worker:
                 await self.client.lost
 
 
+def call_table_from_env() -> CallTableWriter | None:
+    """The call table the supervisor made for this worker (CALL_TABLE_ENV),
+    None without one. One that cannot be mapped is said and done without:
+    every call is then told the supervisor as before, none held."""
+    try:
+        return CallTableWriter.from_env()
+    except (OSError, ValueError) as exc:
+        log.error(
+            "worker's call table cannot be mapped: its calls are told the supervisor "
+            "one by one instead (a bug, report it)",
+            extra=fields(error=f"{CALL_TABLE_ENV}: {exc}"),
+        )
+        return None
+
+
 async def serve(
     config: IngressConfig,
     config_path: Path,
@@ -402,6 +418,7 @@ async def serve(
         hello=False,
     )
     client.tag = process_tag()
+    client.table = call_table_from_env()
     worker = Worker(config, config_path, client, listeners, pem, ticket_keys)
     # Only now: the supervisor may say `stop` as soon as it reads our hello,
     # and an op with no handler yet would be ignored (an unknown op).

@@ -35,8 +35,9 @@ from typing import Any, Protocol
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
-from fleet_ingress.core.lost_calls import lost_call_record
+from fleet_ingress.core.lost_calls import lost_call_record, lost_with_table
 from fleet_ingress.logs import fields
+from fleet_ingress.net.call_table_map import CALL_TABLE_ENV, make_table, read_table_fd
 from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
 from fleet_ingress.net.slot_server import SlotServer, channel_key
 from fleet_ingress.net.tls import CarrierPem, held_pem, memfd_of
@@ -245,6 +246,10 @@ class WorkerPool:
         # refused (it could not start).
         env[RUNNING_CONFIG_ENV] = config_to_json(self.supervisor.config)
         pem_fds: tuple[int, ...] = ()
+        # Its table of live calls: read when it dies (its calls' lines, whatever
+        # of its messages came). Ours: closed once its death is read.
+        table_fd = make_table()
+        env[CALL_TABLE_ENV] = str(table_fd)
         try:
             # Nor the certificate files, which may hold one a reload refused, a
             # renewal half written, a key not of the certificate, nothing: a worker
@@ -266,12 +271,13 @@ class WorkerPool:
                 "--generation",
                 str(generation),
                 *(() if cpu is None else ("--cpu", str(cpu))),
-                pass_fds=(*pass_fds(socks), *pem_fds),
+                pass_fds=(*pass_fds(socks), *pem_fds, table_fd),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
         except BaseException:
             ours.close()
+            os.close(table_fd)
             raise
         finally:
             theirs.close()  # the worker's now; its end closing is how we see it die
@@ -284,11 +290,13 @@ class WorkerPool:
         except BaseException:
             # No channel, no worker: not left running unwatched, nor unreaped.
             ours.close()
+            os.close(table_fd)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             self._keep(proc.wait())
             raise
         worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
+        worker.call_table_fd = table_fd
         self.add_worker(worker)
         self.supervisor.store_fd(channel_key(proc.pid, generation), ours)
         if rounds != self.reload_rounds.begun:
@@ -527,6 +535,7 @@ class WorkerPool:
         drained = known and code == 0 and (worker.channel_lost or worker.channel_closed_first)
         if drained:
             worker.calls_lost = 0
+        self._take_call_table(worker, code, read=not (worker.channel_lost or drained))
         # Counted whatever the generation and whether stopping: an old generation's
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
@@ -595,6 +604,34 @@ class WorkerPool:
                 extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
         self._replace(worker)
+
+    def _take_call_table(self, worker: WorkerProcess, code: int | None, *, read: bool) -> None:
+        """`worker` is dead: what its call table says decides which calls it
+        took with it (`lost_with_table`), unless it exited 0 (each call ended
+        with its own line) or `read` is False; the table is closed."""
+        fd, worker.call_table_fd = worker.call_table_fd, None
+        if fd is None:
+            return
+        try:
+            if not read or code == 0:
+                return
+            try:
+                table = read_table_fd(fd)
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "worker's call table cannot be read: its lost calls are those the "
+                    "supervisor heard of (a bug, report it)",
+                    extra=fields(pid=worker.pid, generation=worker.generation, error=str(exc)),
+                )
+                return
+            lost = lost_with_table(worker.calls_at_leave, table)
+            worker.calls_at_leave = lost
+            # The slots it held that were lost: not those of calls ended and
+            # logged whose release had not come, and those granted from its
+            # budget whose acquire had not (counted as the table says them).
+            worker.calls_lost = sum(1 for call in lost.values() if call.get("fleet") is not None)
+        finally:
+            os.close(fd)
 
     def _oom_fields(self, worker: WorkerProcess, code: int | None) -> dict[str, object]:
         return {

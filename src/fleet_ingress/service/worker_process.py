@@ -34,6 +34,10 @@ class WorkerProcess:
     # each (`SlotServer.take_calls`), "fleet" where it held a slot. Lost with
     # it if it did not drain: the supervisor writes their access lines.
     calls_at_leave: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Its table of live calls (`net.call_table_map`, a memfd made for it):
+    # read once it is dead, closed then. None: a worker without one (started
+    # by a previous image that made none, or taken up after a crash).
+    call_table_fd: int | None = None
     # Its channel ended while its process ran: its slots stay counted until it exits.
     channel_lost: bool = False
     # Its channel ended while its process seemed to run, not confirmed yet

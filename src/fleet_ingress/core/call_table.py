@@ -1,0 +1,238 @@
+"""The layout of a worker's table of live calls (docs/WORKERS.md "The call table").
+
+A worker writes who each of its calls is into shared memory the supervisor
+made for it (`net.call_table_map`), with plain memory writes, no system
+call: when the supervisor sees the worker die it reads the table and knows
+every call the worker had live, whatever of its `acquire`, `logged` and
+`release` messages reached it. So those may be held (`ANSWERS_FLUSH`) with
+no call lost unnamed, and no line written twice (SPEC 13).
+
+A table is a header and COUNT records of RECORD_SIZE bytes. A record's
+first byte says what it is: FREE (never used, or being rewritten), LIVE
+(its call is on), ENDED (its call's access line is written, or its lease
+given back). A worker rewriting a record sets FREE first, writes the rest,
+and LIVE last: killed half way (SIGKILL lands between any two stores, each
+store done stays in the shared page), the record reads FREE, absent; never
+a mix of two calls. A later change is one field and its flag, the flag
+written last (the fleet's length after its name; ANSWERED after the 101's
+time). Text is bounded by bytes (`TEXT_BYTES`): cut at a character.
+
+This module only encodes and decodes bytes (I/O-free); `Slots` chooses a
+free record.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+MAGIC = b"FICALLT1"
+HEADER = struct.Struct("<8sII")  # magic, record size, record count
+HEADER_SIZE = 64
+RECORD_SIZE = 2048
+# Records in a worker's table: more live calls than a 2-core host carries a
+# worker (bench/README: a few hundred); past it a call is told the
+# supervisor as before (its acquire and logged not held). The memory is
+# touched only where records are written: 8 MiB of address space, a few
+# pages used.
+COUNT = 4096
+
+FREE, LIVE, ENDED = 0, 1, 2
+
+# The text fields, in their order in a record, and the bytes each may take:
+# `core.lost_calls` keeps 256 characters of each; the bot id's 256 (net.calls
+# LOGGED_BOT_ID) in any script fit in 1024 bytes.
+TEXT_FIELDS = ("call_id", "call", "started", "client_ip", "route", "bot_id", "fleet")
+TEXT_BYTES = (64, 128, 32, 64, 512, 1024, 128)
+_NONE = 0xFFFF  # a text field's length: the call said null
+_INT = 0x8000  # a text field's length with this bit: an integer, in decimal
+
+# state, answered, lease, started_at, started_monotonic, answered_monotonic,
+# then each text field's length (the fleet's last).
+_FIXED = struct.Struct("<BB6xQddd7H")
+_TEXT_AT = 64
+_RECORD = struct.Struct(
+    f"<BB6xQddd7H{_TEXT_AT - _FIXED.size}x" + "".join(f"{n}s" for n in TEXT_BYTES)
+)
+assert _RECORD.size <= RECORD_SIZE
+assert TEXT_BYTES == (64, 128, 32, 64, 512, 1024, 128)  # as `write_live` spells them
+_FLEET_LEN_AT = _FIXED.size - 2
+_FLEET_AT = _TEXT_AT + sum(TEXT_BYTES[:-1])
+_ANSWERED_AT = 1
+_ANSWERED_TIME_AT = 32
+_NAN = math.nan
+_U16, _F64 = struct.Struct("<H"), struct.Struct("<d")
+
+
+def table_size(count: int = COUNT) -> int:
+    return HEADER_SIZE + count * RECORD_SIZE
+
+
+def header(count: int = COUNT) -> bytes:
+    return HEADER.pack(MAGIC, RECORD_SIZE, count).ljust(HEADER_SIZE, b"\0")
+
+
+def read_header(data: bytes | memoryview) -> int:
+    """The record count a table's header says, or ValueError naming what is wrong."""
+    if len(data) < HEADER_SIZE:
+        raise ValueError(f"call table of {len(data)} bytes: shorter than its header")
+    magic, size, count = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"call table header {bytes(magic)!r}: not {MAGIC!r}")
+    if size != RECORD_SIZE:
+        raise ValueError(f"call table records of {size} bytes, this release reads {RECORD_SIZE}")
+    if len(data) < table_size(count):
+        raise ValueError(
+            f"call table of {len(data)} bytes: {count} records need {table_size(count)}"
+        )
+    return int(count)
+
+
+def _text(value: Any, most: int) -> tuple[int, bytes]:
+    if type(value) is str:
+        try:
+            data = value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: replaced, as a log line does
+            data = value.encode("utf-8", "replace")
+        if len(data) > most:
+            data = data[:most].decode("utf-8", "ignore").encode()
+        return len(data), data
+    if type(value) is int:  # a call's id: a number, kept one
+        data = str(value).encode()
+        return (len(data) | _INT, data) if len(data) <= most else (_NONE, b"")
+    if isinstance(value, str):  # a str subclass: as its text
+        return _text(str(value), most)
+    return _NONE, b""
+
+
+def _number(value: Any) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)
+    return _NAN
+
+
+def record_offset(index: int) -> int:
+    return HEADER_SIZE + index * RECORD_SIZE
+
+
+def write_live(
+    buf: memoryview | bytearray, index: int, lease: int, call: dict[str, Any], fleet: str | None
+) -> None:
+    """Write the record of lease `lease` (its call as `Call.described` says
+    it; `fleet` where granted) at `index`: FREE first, LIVE last."""
+    at = record_offset(index)
+    buf[at] = FREE
+    get = call.get
+    # One by one, not a loop: a churned call's every grant runs this.
+    a = _text(get("call_id"), 64)
+    b = _text(get("call"), 128)
+    c = _text(get("started"), 32)
+    d = _text(get("client_ip"), 64)
+    e = _text(get("route"), 512)
+    f = _text(get("bot_id"), 1024)
+    g = _text(fleet, 128)
+    _RECORD.pack_into(
+        buf,
+        at,
+        FREE,
+        0,
+        lease,
+        _number(get("started_at")),
+        _number(get("started_monotonic")),
+        _NAN,
+        a[0], b[0], c[0], d[0], e[0], f[0], g[0],
+        a[1], b[1], c[1], d[1], e[1], f[1], g[1],
+    )  # fmt: skip
+    buf[at] = LIVE
+
+
+def write_fleet(buf: memoryview | bytearray, index: int, fleet: str) -> None:
+    """The fleet record `index`'s call was granted on: its name, then its length."""
+    at = record_offset(index)
+    n, data = _text(fleet, TEXT_BYTES[-1])
+    buf[at + _FLEET_AT : at + _FLEET_AT + n] = data
+    _U16.pack_into(buf, at + _FLEET_LEN_AT, n)
+
+
+def write_answered(buf: memoryview | bytearray, index: int, at_monotonic: float) -> None:
+    """Its fleet answered 101 at `at_monotonic`: the time, then the flag."""
+    at = record_offset(index)
+    _F64.pack_into(buf, at + _ANSWERED_TIME_AT, at_monotonic)
+    buf[at + _ANSWERED_AT] = 1
+
+
+def write_ended(buf: memoryview | bytearray, index: int) -> None:
+    buf[record_offset(index)] = ENDED
+
+
+def read_record(buf: bytes | memoryview, index: int) -> tuple[int, int, dict[str, Any]] | None:
+    """(state, lease, call) of record `index`; None when FREE. `call` has the
+    keys `core.lost_calls.lost_call_record` reads ("status" 101 and
+    "answered_monotonic" once answered)."""
+    at = record_offset(index)
+    if buf[at] == FREE:
+        return None
+    state, answered, lease, started_at, started_mono, answered_mono, *rest = _RECORD.unpack_from(
+        buf, at
+    )
+    lengths, texts = rest[: len(TEXT_FIELDS)], rest[len(TEXT_FIELDS) :]
+    call: dict[str, Any] = {}
+    for name, most, n, data in zip(TEXT_FIELDS, TEXT_BYTES, lengths, texts, strict=True):
+        if n != _NONE and n & _INT and (n & ~_INT) <= most:
+            digits = data[: n & ~_INT]
+            call[name] = int(digits) if digits.isdigit() else None
+        else:
+            call[name] = None if n > most else data[:n].decode("utf-8", "replace")
+    if not math.isnan(started_at):
+        call["started_at"] = started_at
+    if not math.isnan(started_mono):
+        call["started_monotonic"] = started_mono
+    if answered == 1 and not math.isnan(answered_mono):
+        call["status"] = 101
+        call["answered_monotonic"] = answered_mono
+    return state, lease, call
+
+
+def read_table(buf: bytes | memoryview) -> dict[int, tuple[int, dict[str, Any]]]:
+    """Every record not FREE, by lease: (LIVE or ENDED, its call). ValueError
+    for a table this release cannot read (`read_header`)."""
+    count = read_header(buf)
+    found: dict[int, tuple[int, dict[str, Any]]] = {}
+    for index in range(count):
+        record = read_record(buf, index)
+        if record is None:
+            continue
+        state, lease, call = record
+        if state not in (LIVE, ENDED):
+            continue  # not a state this layout writes: nothing to trust
+        if state == LIVE or lease not in found:
+            found[lease] = (state, call)
+    return found
+
+
+class Slots:
+    """Which record a worker writes next: a free one, the most recently freed
+    first (its page is likely touched already); None when all are taken."""
+
+    __slots__ = ("_free", "_next", "count")
+
+    def __init__(self, count: int = COUNT) -> None:
+        self.count = count
+        self._next = 0  # records from here on were never used
+        self._free: list[int] = []
+
+    def take(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if self._next < self.count:
+            self._next += 1
+            return self._next - 1
+        return None
+
+    def give_back(self, index: int) -> None:
+        self._free.append(index)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._next))

@@ -1,0 +1,124 @@
+"""A worker's table of live calls in shared memory (`core.call_table` is the
+layout; docs/WORKERS.md "The call table").
+
+The supervisor makes each worker's table (`make_table`: a memfd, not a file
+under /dev/shm: it has no name to collide or to leave behind when the
+supervisor dies, goes away with its last fd, and passes like the listeners:
+`pass_fds` to the worker, kept inheritable over an upgrade's exec). The
+worker maps it (`CallTableWriter`) and writes its calls with plain stores;
+the supervisor reads it once the worker is dead (`read_table_fd`).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+from fleet_ingress.core import call_table
+from fleet_ingress.core.call_table import Slots
+
+CALL_TABLE_ENV = "INGRESS_CALL_TABLE_FD"  # the worker's fd of its table
+
+
+def make_table(count: int = call_table.COUNT) -> int:
+    """A new table's fd (close-on-exec: passed on by `pass_fds` or made
+    inheritable for an exec), sized and headed, every record FREE."""
+    fd = os.memfd_create("fleet-ingress worker calls", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, call_table.table_size(count))
+        os.pwrite(fd, call_table.header(count), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def taken_over(fd: Any) -> int | None:
+    """`fd` as the state an exec carried says it (`service.upgrade_sequence`):
+    the table of a worker of the previous image, now this image's (not
+    inherited by what it starts), or None when it is none (a number from
+    another release, an fd closed): that worker's calls are then those the
+    supervisor hears of."""
+    if type(fd) is not int or fd < 0:
+        return None
+    try:
+        if os.pread(fd, len(call_table.MAGIC), 0) != call_table.MAGIC:
+            return None
+        os.set_inheritable(fd, False)
+    except OSError:
+        return None
+    return fd
+
+
+def read_table_fd(fd: int) -> dict[int, tuple[int, dict[str, Any]]]:
+    """What table `fd` holds (`core.call_table.read_table`); ValueError or
+    OSError when it cannot be read."""
+    size = os.fstat(fd).st_size
+    if size < call_table.HEADER_SIZE:
+        raise ValueError(f"call table of {size} bytes: shorter than its header")
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+        return call_table.read_table(mapped)
+
+
+class CallTableWriter:
+    """A worker's end: a record per lease whose call it knows, written as
+    the call is asked for, granted, answered and ended. No system call."""
+
+    __slots__ = ("_buf", "_map", "_records", "_slots")
+
+    def __init__(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._buf = memoryview(self._map)
+        self._slots = Slots(call_table.read_header(self._buf))
+        self._records: dict[int, int] = {}  # lease -> record index
+
+    @classmethod
+    def from_env(cls) -> CallTableWriter | None:
+        """The table CALL_TABLE_ENV names (its fd closed once mapped), None
+        without one (a supervisor of an older release) or when it cannot be
+        mapped (then calls are told the supervisor as before)."""
+        said = os.environ.pop(CALL_TABLE_ENV, None)
+        if not said:
+            return None
+        fd = int(said)
+        try:
+            return cls(fd)
+        finally:
+            os.close(fd)
+
+    def open(self, lease: int, call: dict[str, Any], fleet: str | None) -> bool:
+        """Record lease `lease` of `call` live; False when the table is full."""
+        index = self._slots.take()
+        if index is None:
+            return False
+        call_table.write_live(self._buf, index, lease, call, fleet)
+        self._records[lease] = index
+        return True
+
+    def granted(self, lease: int, fleet: str) -> None:
+        if (index := self._records.get(lease)) is not None:
+            call_table.write_fleet(self._buf, index, fleet)
+
+    def answered(self, lease: int, at: float) -> None:
+        if (index := self._records.get(lease)) is not None:
+            call_table.write_answered(self._buf, index, at)
+
+    def logged(self, lease: int) -> bool:
+        """Its access line is written: ENDED (the record is kept until the
+        lease is over). Whether the lease has a record."""
+        if (index := self._records.get(lease)) is None:
+            return False
+        call_table.write_ended(self._buf, index)
+        return True
+
+    def over(self, lease: int) -> bool:
+        """Lease `lease` is given back: ENDED and its record free again.
+        Whether it had one."""
+        index = self._records.pop(lease, None)
+        if index is None:
+            return False
+        call_table.write_ended(self._buf, index)
+        self._slots.give_back(index)
+        return True

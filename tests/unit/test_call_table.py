@@ -1,0 +1,154 @@
+"""The call table's layout (`core.call_table`) and what a dead worker's
+table says was lost (`core.lost_calls.lost_with_table`): bytes in, bytes
+out, no memory mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet_ingress.core import call_table as t
+from fleet_ingress.core.lost_calls import lost_with_table
+
+CALL = {
+    "call_id": 17,
+    "call": "4242-1-abcd",
+    "started": "2026-12-07T05:00:00Z",
+    "client_ip": "192.0.2.7",
+    "route": "/ws/",
+    "bot_id": "bot-1",
+    "started_at": 1_800_000_000.25,
+    "started_monotonic": 1234.5,
+}
+
+
+def _table(count: int = 4) -> bytearray:
+    buf = bytearray(t.table_size(count))
+    buf[: t.HEADER_SIZE] = t.header(count)
+    return buf
+
+
+def test_a_record_reads_back_as_written_then_granted_answered_and_ended() -> None:
+    buf = _table()
+    assert t.read_table(buf) == {}
+    t.write_live(buf, 2, 9, CALL, None)
+    assert t.read_table(buf) == {9: (t.LIVE, {**CALL, "fleet": None})}
+    t.write_fleet(buf, 2, "a")
+    t.write_answered(buf, 2, 1240.0)
+    expected = {**CALL, "fleet": "a", "status": 101, "answered_monotonic": 1240.0}
+    assert t.read_table(buf) == {9: (t.LIVE, expected)}
+    t.write_ended(buf, 2)
+    assert t.read_table(buf) == {9: (t.ENDED, expected)}
+
+
+def test_text_is_bounded_by_bytes_cut_at_a_character_and_null_kept_null() -> None:
+    buf = _table()
+    call = {**CALL, "bot_id": "é" * 600, "client_ip": None, "route": 3.5}
+    t.write_live(buf, 0, 1, call, "f" * 300)
+    ((_, read),) = t.read_table(buf).values()
+    assert read["bot_id"] == "é" * 512  # 1024 bytes: 256 characters kept whole
+    assert read["client_ip"] is None and read["route"] is None  # not text: null
+    assert read["fleet"] == "f" * 128
+
+
+@pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 2015])
+def test_a_record_rewritten_half_when_the_worker_died_reads_absent_never_mixed(cut: int) -> None:
+    """A record of an ended call rewritten for another: the worker killed
+    after the state's FREE and part of the body (any prefix or suffix of its
+    bytes) leaves no record, not the old call nor a mix; LIVE comes last."""
+    buf = _table()
+    t.write_live(buf, 1, 5, {**CALL, "bot_id": "old"}, "a")
+    t.write_ended(buf, 1)
+    whole = _table()
+    t.write_live(whole, 1, 6, {**CALL, "bot_id": "new"}, "b")
+    at, end = t.record_offset(1), t.record_offset(2)
+    for part in (slice(at + 1, at + cut), slice(end - cut, end)):
+        half = bytearray(buf)
+        half[at] = t.FREE  # the first store
+        half[part] = whole[part]
+        assert t.read_table(half) == {}
+    buf[at] = t.FREE
+    buf[at + 1 : end] = whole[at + 1 : end]
+    assert t.read_table(buf) == {}
+    buf[at] = t.LIVE  # the last store
+    assert t.read_table(buf)[6][1]["bot_id"] == "new"
+
+
+def test_a_fleet_or_101_written_half_reads_as_not_yet() -> None:
+    buf = _table()
+    t.write_live(buf, 0, 3, CALL, None)
+    at = t.record_offset(0)
+    buf[at + t._FLEET_AT : at + t._FLEET_AT + 1] = b"a"  # its name, not yet its length
+    buf[at + t._ANSWERED_TIME_AT] = 7  # part of the 101's time, not its flag
+    ((_, read),) = t.read_table(buf).values()
+    assert read["fleet"] is None and "status" not in read
+
+
+def test_a_header_not_this_layouts_is_refused_naming_why() -> None:
+    with pytest.raises(ValueError, match="shorter than its header"):
+        t.read_table(b"\0" * 10)
+    with pytest.raises(ValueError, match="not b'FICALLT1'"):
+        t.read_table(b"\0" * t.table_size(1))
+    buf = _table(4)
+    with pytest.raises(ValueError, match="4 records need"):
+        t.read_table(buf[:-1])
+
+
+def test_slots_reuse_the_last_freed_first_and_run_out() -> None:
+    slots = t.Slots(3)
+    assert [slots.take(), slots.take()] == [0, 1]
+    slots.give_back(0)
+    assert [slots.take(), slots.take(), slots.take()] == [0, 2, None]
+    slots.give_back(1)
+    slots.give_back(2)
+    assert [slots.take(), slots.take()] == [2, 1]
+
+
+def test_a_dead_workers_lost_calls_are_its_live_records_and_what_had_none() -> None:
+    table = {
+        1: (t.LIVE, {**CALL, "fleet": "a", "status": 101, "answered_monotonic": 9.0}),
+        2: (t.LIVE, {**CALL, "call_id": 2, "fleet": "b"}),  # its acquire never came
+        3: (t.ENDED, {**CALL, "call_id": 3, "fleet": "a"}),  # logged, "logged" held
+    }
+    known = {
+        1: {**CALL, "in_table": True, "fleet": "a", "bytes_from_carrier": 10, "status": None},
+        3: {**CALL, "call_id": 3, "in_table": True, "fleet": "a"},
+        4: {**CALL, "call_id": 4, "in_table": True, "fleet": "b"},  # ended, record reused
+        5: {"fleet": "a"},  # its "logged" came, its release had not
+        6: {**CALL, "call_id": 6},  # the table was full: told, not recorded
+    }
+    lost = lost_with_table(known, table)
+    assert sorted(lost) == [1, 2, 6]
+    assert lost[1]["bytes_from_carrier"] == 10 and lost[1]["status"] == 101
+    assert lost[1]["answered_monotonic"] == 9.0
+    assert lost[2]["call_id"] == 2 and lost[2]["fleet"] == "b"
+    assert lost[6] == known[6]
+
+
+def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() -> None:
+    """Past its records a call has none (`open` False: its acquire, logged and
+    release are told at once); the supervisor reads what the worker wrote."""
+    import os
+
+    from fleet_ingress.net.call_table_map import (
+        CALL_TABLE_ENV,
+        CallTableWriter,
+        make_table,
+        read_table_fd,
+    )
+
+    fd = make_table(count=2)
+    try:
+        os.environ[CALL_TABLE_ENV] = str(os.dup(fd))
+        writer = CallTableWriter.from_env()
+        assert writer is not None and CALL_TABLE_ENV not in os.environ
+        assert [writer.open(n, CALL, "a") for n in (1, 2, 3)] == [True, True, False]
+        assert writer.logged(1) and not writer.logged(3)
+        assert writer.over(1) and not writer.over(3)
+        assert writer.open(4, CALL, None)
+        writer.granted(4, "b")
+        assert {n: (s, c["fleet"]) for n, (s, c) in read_table_fd(fd).items()} == {
+            2: (t.LIVE, "a"),
+            4: (t.LIVE, "b"),
+        }
+    finally:
+        os.close(fd)
