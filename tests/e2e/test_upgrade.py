@@ -131,7 +131,11 @@ class Load:
                 duration=duration,
                 bot_id=bot,
                 open_timeout=open_timeout,
-                echo_wait=3.0,
+                # Its last echoes' wait, and so (with 5 s) what the call may take
+                # past its duration: 3 s timed 28 of 73 one-second calls out
+                # beside the 100 streaming through an upgrade, this process's
+                # loop carrying them all on a loaded host (load 7-10).
+                echo_wait=10.0,
                 hang_up=hang_up,
             )
         )
@@ -823,11 +827,12 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         broken = src / "fleet_ingress" / "core" / "routing.py"
         broken.write_text(broken.read_text() + "\ndef oops(:\n")
         # The load of the upgrade under load: 100 streaming calls, then new ones every 50 ms.
-        await load.start_long(100, duration=10.0)
+        await load.start_long(100, duration=150.0, until_hung_up=True)
         load.start_arrivals(every=0.05, duration=1.0, limit=200)
         code, out, err = await _upgrade_command(service)
         await asyncio.sleep(0.5)
         await load.stop()
+        load.hang_up.set()
         assert code == 1, out
         assert "upgrade abandoned, generation 1 serves on" in err
         assert "SyntaxError" in err and str(broken) in err
@@ -847,6 +852,7 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         result = await load.call("after", 0.5)
         _assert_no_loss([("after", result)])
     finally:
+        load.hang_up.set()
         await load.stop()
         await service.finish()
 
