@@ -54,6 +54,7 @@ from fleet_ingress.service.worker_pool import LOST_CHANNEL_CONFIRM
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import (
+    UPGRADE_WITHIN,
     RunningIngress,
     TLSFiles,
     admin_command,
@@ -94,7 +95,7 @@ async def fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
 async def _upgrade_command(service: RunningIngress) -> tuple[int, str, str]:
     """`fleet-ingress upgrade --admin-socket ...`, as an operator runs it (from
     the installed package, whatever the service runs from)."""
-    return await run_cli(service, "upgrade", timeout=150, installed=True)
+    return await run_cli(service, "upgrade", timeout=UPGRADE_WITHIN, installed=True)
 
 
 # How long a load's long calls may take to be all open at the fleets.
@@ -725,8 +726,8 @@ async def test_a_worker_hung_at_the_exec_is_killed_by_the_new_image(
         )
         os.kill(victim["pid"], signal.SIGSTOP)
         os.kill(service.proc.pid, signal.SIGUSR2)
-        # The trial run and the exec: as long as an upgrade may take (run_cli's 150 s).
-        execs = await service.logged(lambda e: "re-executing" in e["event"], 150)
+        # The trial run and the exec: as long as an upgrade may take.
+        execs = await service.logged(lambda e: "re-executing" in e["event"], UPGRADE_WITHIN)
         exec_at = service.log().index(execs[0])
 
         def killed(e: dict[str, Any]) -> bool:
