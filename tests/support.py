@@ -153,6 +153,11 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
     return loop.time() - started
 
 
+# What an `upgrade` command may take: its trial run is niced (service.upgrade),
+# 50 s of it measured at a load of 10-16 on 2 cores.
+UPGRADE_WITHIN = 150.0
+
+
 async def run_cli(
     service: RunningIngress,
     *args: str,
@@ -185,9 +190,12 @@ async def run_cli(
     return proc.returncode, out.decode(), err.decode()
 
 
-async def admin_command(service: RunningIngress, *args: str) -> tuple[int, str]:
-    """`run_cli`'s exit code and all it printed (stdout, then stderr)."""
-    code, out, err = await run_cli(service, *args)
+async def admin_command(
+    service: RunningIngress, *args: str, timeout: float = 20
+) -> tuple[int, str]:
+    """`run_cli`'s exit code and all it printed (stdout, then stderr). An
+    `upgrade` wants more than the 20 s (`UPGRADE_WITHIN`)."""
+    code, out, err = await run_cli(service, *args, timeout=timeout)
     return code, out + err
 
 
@@ -966,6 +974,27 @@ class IngressOnLoopback:
 
     def log_tail(self, chars: int = 4000) -> str:
         return (self.home / "stderr.log").read_text()[-chars:]
+
+    async def logged(
+        self, said: Callable[[dict[str, Any]], bool], timeout: float, *, since: int = 0
+    ) -> list[dict[str, Any]]:
+        """The log's lines from the `since`th on that `said` holds for, once
+        there is one, waited for `timeout` at most. The log is read off the
+        event loop, a few times a second: what the test's loop carries (its
+        carriers, its fleets' answers to the ingress's probes) is not held
+        while it is read and parsed (`log` waits for the file to stop
+        growing, up to 1 s; every 10 ms on a loaded host took most of a core)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            found = [e for e in (await asyncio.to_thread(self.log))[since:] if said(e)]
+            if found:
+                return found
+            if loop.time() >= deadline:
+                raise AssertionError(
+                    f"not logged within {timeout} s; the log's end: {self.log_tail(2000)}"
+                )
+            await asyncio.sleep(0.2)
 
     async def stats(self) -> dict[str, Any]:
         import aiohttp

@@ -28,7 +28,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
-from fleet_ingress.net.calls import END_CALL_WAIT, end_call
+from fleet_ingress.net.calls import END_CALL_WAIT, Registry, end_call
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
@@ -644,21 +644,40 @@ async def test_a_carrier_told_goodbye_has_half_a_second_to_reply_before_its_tls_
         await fleet.stop()
 
 
+# timeouts.close_flush (10 s by default) for the close-flush tests: what they
+# pin is the same at any length (a read within it gets everything, one past it
+# finds the connection cut at it), 3 s spares each 7 s of waiting.
+CLOSE_FLUSH = 3.0
+# Reads within the flush come at half of it, reads past it 1.5 s after it.
+WITHIN_FLUSH = CLOSE_FLUSH / 2
+PAST_FLUSH = CLOSE_FLUSH + 1.5
+
+
 @pytest.mark.timeout(60)
 async def test_a_plain_fleet_that_reads_late_gets_what_was_sent_it_within_the_close_flush(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    await _a_plain_fleet_reads_late(start_ingress, tls_files, reads_after=3.5)
+    await _a_plain_fleet_reads_late(start_ingress, tls_files, reads_after=WITHIN_FLUSH)
 
 
-# Past the flush's 10 s, on uvloop alone: the cut is the same timer on both
-# loops, and the read within it, on both, has them reach the same close path.
+# Past the flush, on uvloop alone: the cut is the same timer on both loops, and
+# the read within it, on both, has them reach the same close path.
 @pytest.mark.uvloop_only
 @pytest.mark.timeout(60)
 async def test_a_plain_fleet_that_reads_past_the_close_flush_has_what_was_left_dropped(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    await _a_plain_fleet_reads_late(start_ingress, tls_files, reads_after=14.0)
+    await _a_plain_fleet_reads_late(start_ingress, tls_files, reads_after=PAST_FLUSH)
+
+
+async def _cut_after(registry: Registry) -> float:
+    """Seconds from the call's end (its access line) until both its sides are
+    gone, the last closing one flushed or cut."""
+    (call,) = registry.calls or registry.closing
+    await eventually(lambda: call.ended_mono is not None, timeout=10)
+    await eventually(lambda: call not in registry.closing, timeout=30)
+    assert call.ended_mono is not None
+    return time.monotonic() - call.ended_mono
 
 
 async def _a_plain_fleet_reads_late(
@@ -667,9 +686,10 @@ async def _a_plain_fleet_reads_late(
     """A plain fleet that stops reading (a bot held a few seconds) while the
     carrier says its last 60 kB and hangs up: the fleet's side is closed with
     most of it still in the ingress's buffer, and waits for the fleet
-    CLOSE_FLUSH_TIMEOUT (10 s). Reading again 3.5 s later, the fleet gets
-    every byte, then a FIN; 14 s later, the ingress has given up
-    on it: what it still held is dropped, its descriptor not held longer."""
+    timeouts.close_flush (CLOSE_FLUSH here). Reading again within it, the
+    fleet gets every byte, then a FIN; past it, the ingress has given up on
+    it at the flush: what it still held is dropped, its descriptor not held
+    longer."""
     frame = _frame(b"c" * 4000, masked=True)
     sent = frame * 15  # 60 kB: what the kernel does not take is under WRITE_HIGH_WATER
     ended = asyncio.get_running_loop().create_future()
@@ -691,7 +711,7 @@ async def _a_plain_fleet_reads_late(
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     writer: asyncio.StreamWriter | None = None
     try:
-        ingress = await start_ingress([fleet.line("a")])
+        ingress = await start_ingress([fleet.line("a")], timeouts={"close_flush": CLOSE_FLUSH})
         reader, writer = await raw_carrier(ingress, tls_files)
         assert await read_head(reader) == SWITCHING
         (call,) = ingress.registry.calls
@@ -701,9 +721,11 @@ async def _a_plain_fleet_reads_late(
         fleet_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         writer.write(sent)
         await eventually(lambda: ingress.registry.buffered_bytes() > 24000)
+        cut = asyncio.ensure_future(_cut_after(ingress.registry))
         writer.close()  # the carrier hangs up: close_notify, FIN
         got = await asyncio.wait_for(ended, reads_after + 10)
-        if reads_after < 10:
+        cut_after = await asyncio.wait_for(cut, 30)
+        if reads_after < CLOSE_FLUSH:
             # Then the ingress's 1001 (the carrier sent no close frame), masked
             # (the ingress is the bot's client), and its FIN.
             assert got[: len(sent)] == sent, len(got)
@@ -712,9 +734,12 @@ async def _a_plain_fleet_reads_late(
             assert goodbye[:2] == bytes((0x88, 0x80 | len(said))) and len(goodbye) == 6 + len(said)
             mask = goodbye[2:6]
             assert bytes(b ^ mask[i % 4] for i, b in enumerate(goodbye[6:])) == said
+            assert cut_after < CLOSE_FLUSH, cut_after  # flushed, not cut
         else:
             assert len(got) < len(sent), len(got)  # what it held is dropped
             assert sent.startswith(got)
+            # ... cut at the flush's end, not before (nor at the default 10 s).
+            assert CLOSE_FLUSH - 0.1 <= cut_after < reads_after, cut_after
         assert not ingress.registry.calls
     finally:
         if writer is not None:
@@ -774,17 +799,17 @@ async def test_a_carrier_has_five_seconds_to_reply_to_a_bot_that_hung_up_and_fin
 async def test_a_carrier_that_reads_late_gets_the_bots_last_words_within_the_close_flush(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    await _a_carrier_reads_late(start_ingress, tls_files, reads_after=3.5)
+    await _a_carrier_reads_late(start_ingress, tls_files, reads_after=WITHIN_FLUSH)
 
 
-# Past the flush's 10 s, on uvloop alone: the cut is the same timer on both
-# loops, and the read within it, on both, has them reach the same close path.
+# Past the flush, on uvloop alone: the cut is the same timer on both loops, and
+# the read within it, on both, has them reach the same close path.
 @pytest.mark.uvloop_only
 @pytest.mark.timeout(60)
 async def test_a_carrier_that_reads_past_the_close_flush_has_what_was_left_dropped(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    await _a_carrier_reads_late(start_ingress, tls_files, reads_after=14.0)
+    await _a_carrier_reads_late(start_ingress, tls_files, reads_after=PAST_FLUSH)
 
 
 async def _a_carrier_reads_late(
@@ -793,9 +818,10 @@ async def _a_carrier_reads_late(
     """The carrier reads nothing for a while (a phone's stack held) as the bot
     says its last 60 kB and closes its connection: the carrier's TLS side is
     closed with most of it in the ingress's buffer, and waits for the carrier
-    CLOSE_FLUSH_TIMEOUT and tls_socket.CLOSE_TIMEOUT (10 s each). Reading
-    again 3.5 s later, it gets every byte and close_notify; 14 s later, the
-    ingress has given up on it: what it held is dropped."""
+    timeouts.close_flush (CLOSE_FLUSH here; the TLS close's own wait,
+    tls_socket.CLOSE_TIMEOUT, is 10 s). Reading again within it, it gets
+    every byte and close_notify; past it, the ingress has given up on it at
+    the flush: what it held is dropped."""
     frame = _frame(b"b" * 4000, masked=False)
     said = frame * 15
 
@@ -809,7 +835,7 @@ async def _a_carrier_reads_late(
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # its window small from the SYN
     try:
-        ingress = await start_ingress([fleet.line("a")])
+        ingress = await start_ingress([fleet.line("a")], timeouts={"close_flush": CLOSE_FLUSH})
         host, port = ingress.wss_address
         tls = tls_files.client_context().wrap_socket(
             raw,
@@ -829,6 +855,7 @@ async def _a_carrier_reads_late(
         # The kernel takes 4 KiB of it (loopback's autotuned 4 MiB would take it all).
         carrier_socket = call.carrier.transport.get_extra_info("socket")
         carrier_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        cut = asyncio.ensure_future(_cut_after(ingress.registry))
         await asyncio.sleep(reads_after)  # the bot closes 0.5 s in
 
         def read_all() -> tuple[bytes, str]:
@@ -841,12 +868,18 @@ async def _a_carrier_reads_late(
             return got, "close_notify"
 
         got, how = await asyncio.to_thread(read_all)
-        if reads_after < 10:
+        if reads_after < CLOSE_FLUSH:
+            # (Its side then waits for this carrier's close_notify, sent at the
+            # close below: `cut` would count that wait too.)
+            cut.cancel()
             goodbye = b"\x88\x0e\x03\xf3fleet closed"
             assert (how, got == said + goodbye) == ("close_notify", True), (how, len(got))
         else:
             assert how != "close_notify" and len(got) < len(said), (how, len(got))
             assert said.startswith(got)
+            # ... cut at the flush's end (the bot closed 0.5 s in), not before.
+            cut_after = await asyncio.wait_for(cut, 30)
+            assert CLOSE_FLUSH - 0.1 <= cut_after < reads_after, cut_after
     finally:
         raw.close()
         await fleet.stop()

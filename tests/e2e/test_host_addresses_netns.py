@@ -3,7 +3,8 @@ with its routes. A host with a full routing table (a BGP-fed edge, a large
 Calico node) lists every route in /proc/net/fib_trie: a read of it took 2.4 s
 with 100,000 routes, the worker's loop stopped meanwhile (every call's frames
 held), after each address event and once a second while an address is missing.
-Here: a namespace (named from NetLab, or NETLAB_PREFIX) with 20,000 routes."""
+Here: a namespace (NetLab's: named FI_TEST_NETNS_PREFIX, else "fi", and the pid)
+with 20,000 routes."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def test_a_read_with_a_large_routing_table_takes_no_time() -> None:
     if why:
         pytest.skip(why)
     lab = NetLab()
-    lab.prefix = os.environ.get("NETLAB_PREFIX", lab.prefix)
     try:
         ns = lab.namespace("routes")
         lab.ip("-n", ns, "link", "add", "r0", "type", "veth", "peer", "name", "r1")
@@ -106,7 +106,6 @@ def test_other_addresses_coming_do_not_hold_a_moved_address_calls() -> None:
     if why:
         pytest.skip(why)
     lab = NetLab()
-    lab.prefix = os.environ.get("NETLAB_PREFIX", lab.prefix)
     try:
         ns = lab.namespace("churn")
         lab.ip("-n", ns, "link", "add", "r0", "type", "veth", "peer", "name", "r1")

@@ -20,7 +20,14 @@ from websockets.asyncio.client import connect
 
 from fleet_ingress.ops.admin_client import admin_request
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, admin_command, echo, free_port
+from tests.support import (
+    UPGRADE_WITHIN,
+    RunningIngress,
+    TLSFiles,
+    admin_command,
+    echo,
+    free_port,
+)
 
 pytestmark = pytest.mark.uvloop_only  # the ingress is a process of its own
 
@@ -176,7 +183,7 @@ async def test_a_file_edit_the_environment_hides_is_said_after_an_upgrade(
     edit, never served. The file as the service first read it goes over the
     exec: the reload after the upgrade says the edit, as before it."""
     service, _, _ = queue_edit_hidden
-    code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 60)
+    code, said = await admin_command(service, "upgrade", timeout=UPGRADE_WITHIN)
     assert code == 0, said
     code, said = await admin_command(service, "reload")
     assert code == 0 and "timeouts.queue: the file's edit (3 -> 5) is not applied" in said, said

@@ -76,6 +76,26 @@ async def test_binary_call_is_echoed_without_loss(server_ctx, client_ctx):
         assert (fleet.calls_total, fleet.ws_connections, fleet.rejected_429) == (1, 1, 0)
 
 
+async def test_a_call_told_to_hang_up_ends_then_whole(server_ctx, client_ctx):
+    """`hang_up`: the call ends at its next frame once set, not at `duration`;
+    every frame sent echoed, a clean 1000 (the upgrade test's 100 calls, up
+    together however long the last took to open)."""
+    hang_up = asyncio.Event()
+    async with SimulatedFleet(name="fleet-a", ssl_context=server_ctx) as fleet:
+        call = asyncio.create_task(
+            run_call(wss(fleet), ssl_context=client_ctx, duration=30.0, hang_up=hang_up)
+        )
+        await wait_for(lambda: fleet.active_calls == 1, within=10)
+        await asyncio.sleep(0.5)
+        hang_up.set()
+        told = time.monotonic()
+        result = await asyncio.wait_for(call, 10)
+        assert time.monotonic() - told < 2.0
+        assert result.ok, result.error
+        assert 0 < result.frames_sent == result.frames_received < 30 / 0.02
+        assert (result.lost_frames, result.close_code) == (0, 1000)
+
+
 @pytest.mark.parametrize("profile", ["twilio-like", "exotel"])
 async def test_json_profiles_on_exotel_route(profile):
     async with SimulatedFleet(name="plain") as fleet:

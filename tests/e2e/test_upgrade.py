@@ -54,6 +54,7 @@ from fleet_ingress.service.worker_pool import LOST_CHANNEL_CONFIRM
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import (
+    UPGRADE_WITHIN,
     RunningIngress,
     TLSFiles,
     admin_command,
@@ -94,7 +95,11 @@ async def fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
 async def _upgrade_command(service: RunningIngress) -> tuple[int, str, str]:
     """`fleet-ingress upgrade --admin-socket ...`, as an operator runs it (from
     the installed package, whatever the service runs from)."""
-    return await run_cli(service, "upgrade", timeout=150, installed=True)
+    return await run_cli(service, "upgrade", timeout=UPGRADE_WITHIN, installed=True)
+
+
+# How long a load's long calls may take to be all open at the fleets.
+START_LONG_WITHIN = 120.0
 
 
 @dataclass
@@ -109,8 +114,16 @@ class Load:
     arrivals: list[tuple[float, str, asyncio.Task[CallResult]]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _arriving: asyncio.Task[None] | None = None
+    # Set: the long calls started `until_hung_up` end (at their next frame).
+    hang_up: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def call(self, bot: str, duration: float, open_timeout: float = 15) -> asyncio.Task[CallResult]:
+    def call(
+        self,
+        bot: str,
+        duration: float,
+        open_timeout: float = 15,
+        hang_up: asyncio.Event | None = None,
+    ) -> asyncio.Task[CallResult]:
         return asyncio.get_running_loop().create_task(
             run_call(
                 f"wss://127.0.0.1:{self.service.port}",
@@ -119,18 +132,44 @@ class Load:
                 duration=duration,
                 bot_id=bot,
                 open_timeout=open_timeout,
-                echo_wait=3.0,
+                # Its last echoes' wait, and so (with 5 s) what the call may take
+                # past its duration: 3 s timed 28 of 73 one-second calls out
+                # beside the 100 streaming through an upgrade, this process's
+                # loop carrying them all on a loaded host (load 7-10).
+                echo_wait=10.0,
+                hang_up=hang_up,
             )
         )
 
-    async def start_long(self, n: int, duration: float, stagger: float = 0.025) -> None:
-        """`n` calls open (the fleets count them), started `stagger` apart: this
-        one process runs the carriers and the fleets, whose health answers must
-        not starve behind a burst of handshakes."""
+    async def start_long(
+        self, n: int, duration: float, stagger: float = 0.025, *, until_hung_up: bool = False
+    ) -> None:
+        """`n` calls open at once (the fleets count them), started `stagger`
+        apart: this one process runs the carriers and the fleets, whose health
+        answers must not starve behind a burst of handshakes. `until_hung_up`:
+        they last until `hang_up` is set (`duration` at most), however long the
+        host took to open them all (a loaded one: longer than a fixed one's
+        12 s, and the first had ended before the last began)."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        batch: list[asyncio.Task[CallResult]] = []
         for i in range(n):
-            self.long.append(self.call(f"long-{i}", duration))
+            hang_up = self.hang_up if until_hung_up else None
+            batch.append(self.call(f"long-{i}", duration, hang_up=hang_up))
+            self.long.append(batch[-1])
             await asyncio.sleep(stagger)
-        await eventually(lambda: self.fleets_active() >= n, timeout=30)
+
+        def up_or_one_ended() -> bool:
+            return self.fleets_active() >= n or any(t.done() for t in batch)
+
+        # Deadline: for a loaded host (a quiet one opens 100 in about 3 s).
+        await eventually(up_or_one_ended, timeout=START_LONG_WITHIN)
+        ended = [t.result() for t in batch if t.done() and not t.cancelled()]
+        assert not ended, (
+            f"{len(ended)} of {n} calls ended before all were open at the fleets "
+            f"({self.fleets_active()}, {loop.time() - began:.1f} s after the first began): "
+            f"{[(r.status, r.error) for r in ended][:5]}"
+        )
 
     def start_arrivals(self, every: float, duration: float, limit: int) -> None:
         async def arrive() -> None:
@@ -198,7 +237,7 @@ async def test_upgrade_under_load_loses_nothing(
         old = {row["pid"] for row in await _rows(service)}
         assert len(old) == 2
         # 100 calls streaming through the whole upgrade, then new ones every 50 ms.
-        await load.start_long(100, duration=12.0)
+        await load.start_long(100, duration=150.0, until_hung_up=True)
         load.start_arrivals(every=0.05, duration=1.0, limit=400)
         started = time.monotonic()
         code, out, err = await _upgrade_command(service)
@@ -208,6 +247,7 @@ async def test_upgrade_under_load_loses_nothing(
         assert f"code {code_digest()} (the same code as before)" in out
         await asyncio.sleep(1.0)  # arrivals after the upgrade too
         await load.stop()
+        load.hang_up.set()  # the 100 end, on the old generation
 
         rows = await _rows(service)
         new = {row["pid"] for row in rows if row["generation"] == 2}
@@ -272,6 +312,7 @@ async def test_upgrade_under_load_loses_nothing(
             f"upgrade itself {upgraded[0]['seconds']}s"
         )
     finally:
+        load.hang_up.set()
         await load.stop()
         await service.finish()
 
@@ -429,7 +470,7 @@ async def test_a_fleet_being_removed_keeps_its_calls_and_maxconn_over_an_upgrade
         for task in load.long:
             task.cancel()
         await asyncio.gather(*load.long, return_exceptions=True)
-        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 15)
+        await service.logged(lambda e: e.get("event") == "fleet gone", 15)
         (exec_at,) = [i for i, e in enumerate(service.log()) if "re-executing" in e["event"]]
         gone = [i for i, e in enumerate(service.log()) if e.get("event") == "fleet gone"]
         assert gone and gone[0] > exec_at  # by the new image, with b's last call
@@ -469,7 +510,7 @@ async def test_a_removed_fleet_not_forgotten_yet_keeps_its_calls_ended_over_an_u
                 await asyncio.sleep(0.2)
         code, out = await admin_command(service, "remove-fleet", "b")
         assert code == 0, out
-        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 10)
+        await service.logged(lambda e: e.get("event") == "fleet gone", 10)
         assert ended_on_b(await service.metrics()) == 2  # shown until forgotten
         code, _, err = await _upgrade_command(service)
         assert code == 0, err
@@ -507,7 +548,7 @@ async def test_a_fleet_a_reload_moved_joins_at_its_new_address_after_an_upgrade(
             task.cancel()
         await asyncio.gather(*load.long, return_exceptions=True)
         joined = "fleet joined at its new address"
-        await eventually(lambda: any(e.get("event") == joined for e in service.log()), 15)
+        await service.logged(lambda e: e.get("event") == joined, 15)
         await service.fleets_up()
         (row,) = (await service.stats())["fleets"]
         assert (row["url"], row["admin"], row["active"]) == (new.url, "READY", 0), row
@@ -659,26 +700,42 @@ async def test_a_worker_hung_at_the_exec_is_killed_by_the_new_image(
     """A worker hung (stopped) as the supervisor re-executes never answers the
     new image's `sync`, and is asked no report: before, it was never shown
     unresponsive nor killed, its slots held until its retire deadline (a
-    review). Now its silence counts from the restore's timeout."""
+    review). Now its silence counts from the restore's timeout.
+
+    The old image never kills it (worker_hang_timeout 600): its trial run
+    (niced, importing the package) took 12-90 s on a loaded host, past a short
+    timeout the old image killed the worker itself before the exec. The new
+    image reads the file's 6 s at its start."""
     lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
     service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=120, env=PATIENT_PROBES, extra="worker_hang_timeout = 6"
+        tls_files,
+        lines,
+        workers=2,
+        drain=120,
+        env=PATIENT_PROBES,
+        extra="worker_hang_timeout = 600",
     )
+    config = service.home / "ingress.toml"
     load = _fleets_load(service, tls_files, fleets)
     victim: dict[str, Any] = {}
     try:
         await load.start_long(4, duration=60.0)
         victim = max(await _rows(service), key=lambda r: r["calls"])
+        config.write_text(
+            config.read_text().replace("worker_hang_timeout = 600", "worker_hang_timeout = 6")
+        )
         os.kill(victim["pid"], signal.SIGSTOP)
         os.kill(service.proc.pid, signal.SIGUSR2)
-        await eventually(lambda: any("re-executing" in e["event"] for e in service.log()), 30)
-        exec_at = len(service.log())
+        # The trial run and the exec: as long as an upgrade may take.
+        execs = await service.logged(lambda e: "re-executing" in e["event"], UPGRADE_WITHIN)
+        exec_at = service.log().index(execs[0])
 
-        def killed() -> list[dict[str, Any]]:
-            return [e for e in service.log()[exec_at:] if e["event"] == "worker hung: killed"]
+        def killed(e: dict[str, Any]) -> bool:
+            return e["event"] == "worker hung: killed"
 
-        await eventually(lambda: bool(killed()), timeout=30)
-        assert killed()[0]["pid"] == victim["pid"]
+        # The new image's restore's timeout, then 6 s of silence: the kill.
+        kills = await service.logged(killed, 60, since=exec_at)
+        assert kills[0]["pid"] == victim["pid"]
         await eventually(lambda: not _alive(victim["pid"]), timeout=10)
 
         async def gone_from_the_rows() -> None:
@@ -771,11 +828,12 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         broken = src / "fleet_ingress" / "core" / "routing.py"
         broken.write_text(broken.read_text() + "\ndef oops(:\n")
         # The load of the upgrade under load: 100 streaming calls, then new ones every 50 ms.
-        await load.start_long(100, duration=10.0)
+        await load.start_long(100, duration=150.0, until_hung_up=True)
         load.start_arrivals(every=0.05, duration=1.0, limit=200)
         code, out, err = await _upgrade_command(service)
         await asyncio.sleep(0.5)
         await load.stop()
+        load.hang_up.set()
         assert code == 1, out
         assert "upgrade abandoned, generation 1 serves on" in err
         assert "SyntaxError" in err and str(broken) in err
@@ -795,6 +853,7 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         result = await load.call("after", 0.5)
         _assert_no_loss([("after", result)])
     finally:
+        load.hang_up.set()
         await load.stop()
         await service.finish()
 
@@ -2487,7 +2546,7 @@ async def test_a_fleet_change_asked_of_the_new_image_waits_until_every_worker_sa
         for task in load.long:
             task.cancel()
         await asyncio.gather(*load.long, return_exceptions=True)
-        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 15)
+        await service.logged(lambda e: e.get("event") == "fleet gone", 15)
         assert b.peak_calls == 2
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -77,6 +77,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "tcp_user_timeout": 20.0,
             "keepalive_idle": 10.0,
             "keepalive_interval": 5.0,
+            "close_flush": 10.0,
         },
         "limits": {
             "max_header_bytes": 16384,

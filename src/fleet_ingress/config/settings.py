@@ -288,6 +288,10 @@ class TimeoutsSection(_Section):
     tcp_user_timeout: UserTimeoutSeconds = 20.0
     keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
     keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
+    # A side closed with bytes still to send (a close frame, a bot's last words)
+    # is cut this long after if its peer reads none of them (HAProxy's
+    # timeout client-fin / server-fin); net.proxy.CLOSE_FLUSH_TIMEOUT.
+    close_flush: Seconds = 10.0
 
     def old_generation_drain(self) -> float:
         """Seconds an upgrade's old generation keeps its calls before closing

@@ -168,7 +168,8 @@ MAX_BUFFERED_PER_CALL = 2 * (WRITE_HIGH_WATER + MAX_READ_CHUNK) + 2 * MAX_EARLY_
 # where a direction is not tracked (a tracker that gave up).
 _CLOSE_FRAME_FIRST_BYTE = 0x88
 _MAX_CLOSE_FRAME = 131
-# A closing transport may wait this long for its peer to take pending bytes.
+# A closing transport may wait this long for its peer to take pending bytes:
+# timeouts.close_flush's default (ProxyContext.close_flush_timeout).
 CLOSE_FLUSH_TIMEOUT = 10.0
 # A side the ingress says goodbye to (a WebSocket close frame: CloseSide's
 # `goodbye`) is sent it at the next frame boundary of what is relayed to it:
@@ -205,6 +206,8 @@ class ProxyContext:
     # limits.new_connection_share: the listener's accept pacing (core/accept_pacing.py).
     new_connection_share: float = 1.0
     access_log: bool = True
+    # timeouts.close_flush: a closing side's peer that reads nothing is cut then.
+    close_flush_timeout: float = CLOSE_FLUSH_TIMEOUT
     # One per ingress, kept across reloads; None writes no refused-request lines.
     refusals: RateLimitedLog | None = None
     # One per ingress: the "fleet attempt failed" warnings (None: each written).
@@ -246,6 +249,8 @@ class _Side(asyncio.BufferedProtocol):
     close_heard = False  # this side's close frame was reported to the machine
     _masked = False  # whether this side's frames are masked (a client's)
     _reply_timer: PatientTimer | None = None
+    # Its context's close_flush_timeout (a fleet side's: its carrier's), set at start.
+    close_flush_timeout = CLOSE_FLUSH_TIMEOUT
     # The loop, looked up once a call (the carrier's connection_made), not at
     # each timer: CPython 3.11's get_running_loop makes a getpid system call.
     _loop: asyncio.AbstractEventLoop | None = None
@@ -293,7 +298,7 @@ class _Side(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """Close after pending bytes are flushed (TLS cannot half-close), but
-        never wait longer than CLOSE_FLUSH_TIMEOUT on a peer that does not read."""
+        never wait longer than close_flush_timeout on a peer that does not read."""
         t = self.transport
         if t is None or self.lost or t.is_closing():
             return
@@ -305,7 +310,7 @@ class _Side(asyncio.BufferedProtocol):
             sock = t.get_extra_info("socket")
             self._abort_timer = PatientTimer(
                 self._running_loop(),
-                CLOSE_FLUSH_TIMEOUT,
+                self.close_flush_timeout,
                 t.abort,
                 answered=lambda: peer_moved(sock),
             )
@@ -512,6 +517,7 @@ class CarrierProtocol(_Side):
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        self.close_flush_timeout = ctx.close_flush_timeout
         self.machine = CallMachine(ctx.rules)
         self.target = ""  # the head's target once read (for the refused-request line)
         self.client_ip = ""
@@ -1290,6 +1296,7 @@ class FleetProtocol(_Side):
         # None once the attempt is dropped: a late word from it goes nowhere.
         self.pump: CarrierProtocol | None = pump
         self._loop = pump._loop
+        self.close_flush_timeout = pump.close_flush_timeout
         # Read for the fleet's head, then, once linked, for a relayed (non-101)
         # answer until it ends; None in a tunnel and after a relayed answer: so
         # linked with an exchange is relaying an answer.

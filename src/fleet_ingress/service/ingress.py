@@ -335,6 +335,7 @@ class Ingress:
             descriptor_limit=None if max_connections == configured else descriptors,
             new_connection_share=config.limits.new_connection_share,
             access_log=config.log.access,
+            close_flush_timeout=config.timeouts.close_flush,
             liveness=TcpLiveness(
                 user_timeout=config.timeouts.tcp_user_timeout,
                 keepalive_idle=config.timeouts.keepalive_idle,

@@ -199,6 +199,7 @@ async def run_call(
     compression: str | None = None,
     open_timeout: float = 5.0,
     echo_wait: float = 1.0,
+    hang_up: asyncio.Event | None = None,
 ) -> CallResult:
     """Run one call against ``url`` (e.g. ``wss://127.0.0.1:8443``).
 
@@ -206,6 +207,9 @@ async def run_call(
     ``"close:4001"`` control message instead of closing with 1000; the call is
     then ok only if the server closed it with that code. ``compression`` is
     passed to websockets (``"deflate"`` offers permessage-deflate; default off).
+    With ``hang_up``, the call ends once it is set (at its next frame's time),
+    ``duration`` then its longest: calls that must all be up at once however
+    long the last took to open.
     """
     prof = PROFILES[profile]
     uri = f"{url.rstrip('/')}{route}{bot_id}" + (f"?{query}" if query else "")
@@ -274,6 +278,8 @@ async def run_call(
                     delay = t0 + seq * prof.interval - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                    if hang_up is not None and hang_up.is_set():
+                        break
                     frame = prof.make_frame(seq)
                     outstanding[seq] = (time.perf_counter(), frame)
                     await ws.send(frame)
