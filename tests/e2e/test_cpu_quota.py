@@ -24,6 +24,7 @@ from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.supervisor_process import run_supervisor
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
+    UPGRADE_WITHIN,
     CpuCgroup,
     RunningIngress,
     TLSFiles,
@@ -132,7 +133,7 @@ async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_
         assert "process.workers changed" not in changes, changes
         stats = await service.stats()
         assert len(stats["workers"]) == 1 and stats["workers_wanted"] == 1  # nothing acted on it
-        code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 150)
+        code, said = await admin_command(service, "upgrade", timeout=UPGRADE_WITHIN)
         assert code == 0, said
         stats = await service.stats()
         serving = [r for r in stats["workers"] if r["state"] == "serving"]

@@ -34,6 +34,7 @@ from fleet_ingress.config.config_diff import NOTHING_CHANGED
 from fleet_ingress.ops import admin_client
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
+    UPGRADE_WITHIN,
     RunningIngress,
     TcpDoor,
     TLSFiles,
@@ -1271,7 +1272,7 @@ async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_wor
         assert {await service.peer_serial(tls_files) for _ in range(10)} == {old}
         assert (await service.stats())["worker_restarts"] == {"killed": 1}  # nothing "crashed"
         assert not _logged(service, "worker cannot serve")
-        code, printed = await admin_command(service, "upgrade")
+        code, printed = await admin_command(service, "upgrade", timeout=UPGRADE_WITHIN)
         assert code != 0 and "would serve it in place of the one in use" in printed, printed
         assert {await service.peer_serial(tls_files) for _ in range(6)} == {old}
         new = write_leaf_cert(tls_files.ca, service.home)
