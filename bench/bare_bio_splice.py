@@ -42,6 +42,10 @@ fails, as ``TLSConnection._read`` does:
   resumption saves a call's set-up (churn). With ``BARE_BIO_REUSE_KEEP=1``
   too, a fleet's first session is kept for good and offered by every later
   connection, none taken after it.
+- ``BARE_BIO_INGRESS_TLS=1``: both sides' TLS contexts made by the ingress's own
+  ``net.tls`` (``server_ssl_context``, ``fleet_ssl_context``): the same ciphers,
+  groups and session tickets as a call of the ingress, so that the floor's TLS
+  work is the ingress's.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ import signal
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import uvloop
 
-from fleet_ingress.net import tls_socket
+from fleet_ingress.net import tls, tls_socket
 from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, connect, wrap_accepted
 
 Address = tuple[str, int]
@@ -141,7 +146,7 @@ class CarrierSide(Side):
                 self._fleet_ssl,
                 server_hostname=host,
                 timeout=CONNECT_TIMEOUT,
-                session=session,
+                kept_session=session,
             )
         except (OSError, TimeoutError):
             self.conn.close()
@@ -161,10 +166,29 @@ class CarrierSide(Side):
 
 # -- bench variants (see the module docstring) ---------------------------------
 
+
 # BARE_BIO_REUSE=1: the fleet's TLS session kept (after its first answer, when a
 # TLS 1.3 ticket has arrived) and offered by the next connection, as HAProxy
 # does for its servers by default.
-_SESSIONS: dict[Address, ssl.SSLSession] = {}
+# Held as the ingress holds them (net/fleet_sessions.py): a reference to
+# OpenSSL's SSL_SESSION (SSL_get1_session), offered with SSL_set_session, no
+# copy. CPython's `SSLObject.session` copies it through DER at each get and
+# set, the certificate parsed again: 3.2 M instructions a call (callgrind,
+# session 44), which made this floor dearer than the ingress it is the floor of.
+class _HeldSession:
+    __slots__ = ("pointer",)
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __del__(self) -> None:
+        calls = tls_socket.session_calls()
+        if calls is not None and self.pointer:
+            calls.free(self.pointer)
+            self.pointer = 0
+
+
+_SESSIONS: dict[Address, _HeldSession] = {}
 
 
 class FleetSide(Side):
@@ -176,9 +200,12 @@ class FleetSide(Side):
 
     def data_received(self, data: memoryview) -> None:
         if self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS):
-            session = self.conn.ssl_object.session
-            if session is not None:
-                _SESSIONS[self._key] = session
+            calls = tls_socket.session_calls()
+            ssl_pointer = self.conn._ssl
+            if calls is not None and ssl_pointer is not None:
+                pointer = calls.get1_session(ssl_pointer)
+                if pointer:
+                    _SESSIONS[self._key] = _HeldSession(pointer)
             self._key = None
         super().data_received(data)
 
@@ -193,6 +220,11 @@ _REUSE = os.environ.get("BARE_BIO_REUSE") == "1"
 # With it: a fleet's first session is kept and offered by every later
 # connection (none taken after it: the getter copies the session each time).
 _REUSE_KEEP = os.environ.get("BARE_BIO_REUSE_KEEP") == "1"
+# BARE_BIO_INGRESS_TLS=1: both sides' contexts as the ingress makes them
+# (`net.tls`: the carrier's with its profile's ciphers and groups and one
+# session ticket a handshake, not OpenSSL's two), so the floor does the same
+# TLS work a call of the ingress does.
+_INGRESS_TLS = os.environ.get("BARE_BIO_INGRESS_TLS") == "1"
 _OPEN = tls_socket._OPEN
 _libssl: ctypes.CDLL | None = None
 SSL_CTRL_GET_READ_AHEAD = 40
@@ -337,12 +369,16 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
 
 
 async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[Address]) -> None:
-    server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ssl.set_alpn_protocols(["http/1.1"])
-    server_ssl.load_cert_chain(cert, key)
-    fleet_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    fleet_ssl.set_alpn_protocols(["http/1.1"])
-    fleet_ssl.load_verify_locations(cafile=ca)
+    if _INGRESS_TLS:
+        server_ssl = tls.server_ssl_context(Path(cert), Path(key))
+        fleet_ssl = tls.fleet_ssl_context(verify=True, ca_file=Path(ca))
+    else:
+        server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ssl.set_alpn_protocols(["http/1.1"])
+        server_ssl.load_cert_chain(cert, key)
+        fleet_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        fleet_ssl.set_alpn_protocols(["http/1.1"])
+        fleet_ssl.load_verify_locations(cafile=ca)
     _install_variants(server_ssl, fleet_ssl)
 
     loop = asyncio.get_running_loop()
