@@ -133,6 +133,69 @@ def test_a_budget_on_a_fleet_pick_would_not_choose_is_taken_back(change: str) ->
     assert slots.end_standing() == ["w1"]
 
 
+@pytest.mark.parametrize("change", ["up", "ready", "added", "room"])
+def test_a_fleet_that_can_take_calls_again_takes_back_budgets_it_is_not_in(change: str) -> None:
+    """A budget given while fleet b could not take calls names a alone: kept,
+    its worker granted every call on a while b, with none, got only calls
+    asked of the supervisor (leastconn broken as long as budgets stood, which
+    is as long as nobody queues). Once b can be shared (UP, READY, added, room
+    again), the budgets it is missing from are taken back, to be given anew
+    with it. Not for a fleet a share would give nothing (no churn at each probe)."""
+    text = "https://a.test name=a maxconn=10\nhttps://b.test name=b maxconn=10\n"
+    if change == "added":
+        text = "https://a.test name=a maxconn=10\n"
+    slots = _table(text)
+    for fleet in slots.balancer.fleets:
+        fleet.health = Health.UP
+    a = _fleet(slots, "a")
+    b = slots.balancer.get("b")
+    if change == "up":
+        assert b is not None
+        b.health = Health.DOWN
+    elif change == "ready":
+        assert b is not None
+        b.admin = Admin.DRAIN
+    elif change == "room":
+        assert b is not None
+        b.reported_available, b.opened_at_probe = 0, b.opened_total  # FULL by its word
+    slots.join("w1", pid=1, generation=1)
+    slots.join("w2", pid=2, generation=1)
+    for w in ("w1", "w2"):
+        slots.give_standing(w, standing_share(slots.balancer.fleets, 2, queue_length=0))
+        slots.standing_taken(w)
+    assert set(slots.row("w1").standing_fleets) == {"a"} and a.standing > 0
+    assert slots.end_standing() == []  # b cannot take calls: nothing missing
+
+    if change == "up":
+        b.health = Health.UP
+    elif change == "ready":
+        b.admin = Admin.READY
+    elif change == "room":
+        b.reported_available, b.opened_at_probe = 6, b.opened_total
+    else:
+        (spec,) = parse_fleets_text("https://b.test name=b", default_maxconn=10)
+        b = slots.balancer.members.add(spec, capacity_aware=False)  # type: ignore[attr-defined]
+        b.health = Health.UP  # its first probe passed
+    assert slots.end_standing(fleets_changed=False) == []  # looked at on a wake only
+    assert slots.end_standing() == ["w1", "w2"]
+    for w in ("w1", "w2"):
+        slots.drop_standing(w)
+    slots.give_standing("w1", standing_share(slots.balancer.fleets, 2, queue_length=0))
+    assert set(slots.row("w1").standing_fleets) == {"a", "b"}
+
+    # A fleet whose share is nothing (1 free slot over 2 takers + 1) is no reason.
+    slots.drop_standing("w1")
+    b.spec = dataclasses.replace(b.spec, maxconn=1)
+    for w in ("w1", "w2"):
+        slots.give_standing(w, standing_share(slots.balancer.fleets, 2, queue_length=0))
+    assert "b" not in slots.row("w2").standing_fleets
+    assert slots.end_standing() == []
+    # Nor one past the most fleets a budget names.
+    b.spec = dataclasses.replace(b.spec, maxconn=10)
+    assert slots.end_standing(fleets_most=1) == []
+    assert slots.end_standing() == ["w1", "w2"]
+
+
 def test_a_worker_gone_gives_its_budget_back_at_once_kept_calls_or_not() -> None:
     slots = _table("https://a.test name=a maxconn=4\n")
     a = _fleet(slots, "a")

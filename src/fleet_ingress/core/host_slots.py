@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
-from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends
+from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends, standing_misses
 
 WorkerKey = Hashable  # whatever names a worker's channel to the caller
 
@@ -547,21 +547,38 @@ class HostSlots:
         fleet.standing -= 1
         return self._grant(row, lease, fleet)
 
-    def end_standing(self, *, fleets_changed: bool = True) -> list[WorkerKey]:
+    def end_standing(
+        self,
+        *,
+        fleets_changed: bool = True,
+        takers: int | None = None,
+        fleets_most: int | None = None,
+    ) -> list[WorkerKey]:
         """The workers whose standing budgets must be taken back now ("budget-end"
         to each, marked sent): all while a call waits in the queue (FIFO) or
         the table is paused; else, if `fleets_changed` (a probe, an admin
         change: the caller knows), those holding one on a fleet pick would not
-        choose (`slot_budget.standing_ends`). Nothing to look at otherwise: a
-        slot given back or granted changes neither."""
+        choose (`slot_budget.standing_ends`), and those a fleet that could be
+        shared now is missing from (`slot_budget.standing_misses`, over
+        `takers` workers taking budgets, those holding one if not said; at
+        most `fleets_most` fleets a budget): given anew, it names that fleet.
+        Nothing to look at otherwise: a slot given back or granted changes
+        neither."""
         everyone = bool(self._queue) or self.paused
         if not everyone and not fleets_changed:
             return []
+        if takers is None:
+            takers = sum(1 for row in self._rows.values() if row.standing is not None)
+        fleets = self.balancer.fleets
         ending: list[WorkerKey] = []
         for row in self._rows.values():
             if row.standing is None or row.standing_ending:
                 continue
-            if everyone or any(standing_ends(f) for f in row.standing_fleets.values()):
+            if (
+                everyone
+                or any(standing_ends(f) for f in row.standing_fleets.values())
+                or standing_misses(fleets, row.standing_fleets, takers, fleets_most=fleets_most)
+            ):
                 row.standing_ending = True
                 ending.append(row.worker)
         return ending
