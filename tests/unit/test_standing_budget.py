@@ -196,6 +196,65 @@ def test_a_fleet_that_can_take_calls_again_takes_back_budgets_it_is_not_in(chang
     assert slots.end_standing() == ["w1", "w2"]
 
 
+def test_a_budget_whose_fleet_spec_changed_is_taken_back_one_round_trip_of_the_old() -> None:
+    """A transcript of the spec staleness. The worker grants from its standing
+    budget with the spec the budget was sent with (its record of the fleet is
+    set from it at each grant). A reload that changes the fleet in place (its
+    maxconn raised, its admin: not its address, which is a move and drains
+    the old) took nothing back: a budget granted the old spec, and held the
+    share of the old maxconn, for as long as it stood.
+    Now the wake after it takes the budget back; grants until the worker
+    reads "budget-end" (one round trip) are the old spec's, the next budget
+    carries the new. A reload that leaves the spec equal takes nothing back."""
+    slots = _table("https://a.test name=a maxconn=10\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 3})
+    slots.standing_taken("w1")
+    sent = a.spec
+    a.spec = dataclasses.replace(a.spec)  # a reload of the same file: equal, anew
+    assert slots.end_standing() == []
+    assert slots.row("w1").standing_specs["a"] is a.spec  # next look: `is`
+    a.spec = dataclasses.replace(a.spec, maxconn=20)  # raised
+    assert a.spec != sent
+    assert slots.end_standing() == ["w1"]  # "budget-end" goes
+    slots.grant_standing("w1", 1, "a")  # granted (old spec) before it read it
+    slots.drop_standing("w1")
+    slots.give_standing("w1", {"a": 2})
+    assert slots.row("w1").standing_specs["a"] is a.spec
+    assert slots.end_standing() == []
+
+
+def test_a_fleet_removed_with_reserved_slots_takes_a_budget_call_for_one_round_trip() -> None:
+    """A transcript of the removed-fleet race, pinned as it is: remove-fleet on
+    a fleet with no call but slots reserved in a standing budget reaps it at
+    once (`FleetSet.reap` looks at its calls), and the budget is taken back
+    at the wake after. A grant the worker made from it before it read
+    "budget-end" is the host's all the same (its call was already on its
+    way): counted on the record of the fleet gone, given back when it ends.
+    After "budget-dropped" no grant there is taken."""
+    slots = _table("https://a.test name=a\nhttps://b.test name=b\n")
+    for fleet in slots.balancer.fleets:
+        fleet.health = Health.UP
+    a = _fleet(slots, "a")
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 2, "b": 2})
+    slots.standing_taken("w1")
+    fleet_set = slots.balancer.members
+    assert fleet_set.remove(a) is True  # type: ignore[attr-defined]  # reaped: no call on it
+    assert slots.balancer.get("a") is None and a.standing == 2
+    assert slots.end_standing() == ["w1"]  # "budget-end": a is being removed
+    granted = slots.grant_standing("w1", 1, "a")  # before it read "budget-end"
+    assert granted.fleet is a and a.active == 1 and slots.row("w1").held == {1: a}
+    slots.drop_standing("w1")
+    assert a.standing == 0
+    with pytest.raises(SlotProtocolError):
+        slots.grant_standing("w1", 2, "a")
+    slots.release("w1", 1)
+    assert a.active == 0 and slots.row("w1").held == {}
+
+
 def test_a_worker_gone_gives_its_budget_back_at_once_kept_calls_or_not() -> None:
     slots = _table("https://a.test name=a maxconn=4\n")
     a = _fleet(slots, "a")

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
+from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends, standing_misses
 
 WorkerKey = Hashable  # whatever names a worker's channel to the caller
@@ -130,6 +131,9 @@ class WorkerRow:
     # not read yet (`drop_standing`).
     standing: Budget | None = None
     standing_fleets: dict[str, FleetState] = field(default_factory=dict)
+    # Each fleet's spec as its budget was sent with it: the worker grants
+    # from the budget with that one (`spec_moved`).
+    standing_specs: dict[str, FleetSpec] = field(default_factory=dict)
     standing_taken: bool = False
     standing_ending: bool = False
 
@@ -156,6 +160,23 @@ class _Waiter:
     avoid: frozenset[str]
     since: float  # when it asked: the queue is in this order
     deadline: float
+
+
+def _spec_moved(row: WorkerRow) -> bool:
+    """A fleet of `row`'s standing budget is not what the budget was sent
+    with (a reload changed it in place: its maxconn, its admin): the
+    worker grants from it with the spec it came with, so it is taken back, to
+    be given anew with the new one (one round trip of the old spec). A spec
+    set anew but equal (every reload sets them all) is kept, and remembered
+    by identity so that the next look is an `is`."""
+    for name, fleet in row.standing_fleets.items():
+        sent = row.standing_specs.get(name)
+        if sent is fleet.spec:
+            continue
+        if sent != fleet.spec:
+            return True
+        row.standing_specs[name] = fleet.spec
+    return False
 
 
 class HostSlots:
@@ -517,6 +538,7 @@ class HostSlots:
                 continue
             fleet.standing += slots
             row.standing_fleets[name] = fleet
+            row.standing_specs[name] = fleet.spec
             fleets.append(BudgetFleet(name, slots, fleet.active, most=slots))
         if fleets:
             # Its own copy: the one sent is the worker's.
@@ -577,6 +599,7 @@ class HostSlots:
             if (
                 everyone
                 or any(standing_ends(f) for f in row.standing_fleets.values())
+                or _spec_moved(row)
                 or standing_misses(fleets, row.standing_fleets, takers, fleets_most=fleets_most)
             ):
                 row.standing_ending = True
@@ -608,6 +631,7 @@ class HostSlots:
                 row.standing_fleets[name].standing -= left
         row.standing = None
         row.standing_fleets = {}
+        row.standing_specs = {}
         row.standing_taken = row.standing_ending = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
