@@ -325,6 +325,8 @@ def test_example_prometheus_config_scrapes_the_stats_listener_and_loads_the_rule
 DASHBOARD_MUST_SHOW = {
     "fleet_ingress_fleet_active_calls",
     "fleet_ingress_fleet_maxconn",
+    # Slots held for standing budgets: why a fleet at maxconn shows fewer calls.
+    "fleet_ingress_fleet_reserved_slots",
     "fleet_ingress_fleet_estimated_available",
     "fleet_ingress_fleet_reported_available",
     "fleet_ingress_fleet_health_state",

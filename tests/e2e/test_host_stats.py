@@ -61,15 +61,19 @@ class Supervisor:
         host, port = self.runner.addresses[0][:2]
         self.base = f"http://{host}:{port}"
 
-    async def spawn(self, generation: int) -> EventChild:
+    async def spawn(self, generation: int, *, standing: str | None = None) -> EventChild:
+        """`standing`: the worker's INGRESS_STANDING_BUDGETS ("1", "held", ""
+        for off; None: this process's own)."""
         ours, theirs = socket.socketpair()
         await self.server.adopt(ours)
+        env = None if standing is None else {**os.environ, "INGRESS_STANDING_BUDGETS": standing}
         worker = await EventChild.start(
             sys.executable,
             str(CHILD),
             str(theirs.fileno()),
             str(generation),
             pass_fds=[theirs.fileno()],
+            env=env,
         )
         theirs.close()
         self.workers.append(worker)
@@ -217,3 +221,56 @@ async def test_reports_pulled_in_the_background_bound_what_a_crash_loses(supervi
         assert s.view.retired_workers == 1
     finally:
         puller.cancel()
+
+
+@pytest.mark.uvloop_only
+async def test_slots_reserved_for_workers_standing_budgets_are_on_every_stats_view(supervisor):
+    """Workers taking standing grant budgets (INGRESS_STANDING_BUDGETS=1) hold
+    fleet slots reserved in the table, no call on them: /stats.json, /stats
+    and /metrics say how many, the fleet's and each worker's, and a fleet's
+    calls plus its reserved slots never pass maxconn."""
+    s = supervisor
+    w1 = await s.spawn(generation=1, standing="1")
+    w2 = await s.spawn(generation=1, standing="1")
+
+    def budgets_taken() -> bool:
+        rows = s.slots.workers
+        return len(rows) == 2 and all(r.standing is not None and r.standing_taken for r in rows)
+
+    await eventually(budgets_taken, timeout=10)
+    await s.count(w1, 3)  # granted from its budget, then given back into it
+    await eventually(budgets_taken, timeout=10)
+
+    snap = json.loads(await s.get("/stats.json"))
+    reserved = {f["name"]: f["reserved"] for f in snap["fleets"]}
+    assert reserved == {f.name: f.standing for f in s.slots.balancer.fleets}
+    assert all(n > 0 for n in reserved.values()), reserved
+    assert all(f["active"] + f["reserved"] <= f["maxconn"] for f in snap["fleets"])
+    by_worker = {w["pid"]: w["reserved_by_fleet"] for w in snap["workers"]}
+    assert set(by_worker) == {w1.proc.pid, w2.proc.pid}
+    assert {
+        name: sum(fleets.get(name, 0) for fleets in by_worker.values()) for name in reserved
+    } == reserved
+    assert [w["reserved"] for w in snap["workers"]] == [
+        sum(by_worker[w["pid"]].values()) for w in snap["workers"]
+    ]
+
+    m = await scrape(s)
+    assert m["fleet_ingress_fleet_reserved_slots"] == {
+        (("fleet", name),): float(n) for name, n in reserved.items()
+    }
+    assert m["fleet_ingress_worker_reserved_slots"] == {
+        (("fleet", name), ("generation", "1"), ("pid", str(pid))): float(n)
+        for pid, fleets in by_worker.items()
+        for name, n in fleets.items()
+    }
+    page = await s.get("/stats")
+    assert f"+{reserved['a']} reserved</span>" in page
+
+    # A worker that takes none (the switch off) shows none, and its slots
+    # asked of the supervisor are calls, not reserved.
+    w3 = await s.spawn(generation=2, standing="")
+    await s.count(w3, 2)
+    snap = json.loads(await s.get("/stats.json"))
+    (row,) = [w for w in snap["workers"] if w["pid"] == w3.proc.pid]
+    assert (row["reserved"], row["reserved_by_fleet"]) == (0, {})

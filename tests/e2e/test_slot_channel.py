@@ -48,7 +48,17 @@ def _balancer(maxconn: int) -> Balancer:
 class Host:
     """A coordinator and the clients of its workers, each on a socketpair."""
 
-    def __init__(self, maxconn: int = 2, queue_timeout: float = 5.0, max_queue: int = 8) -> None:
+    def __init__(
+        self,
+        maxconn: int = 2,
+        queue_timeout: float = 5.0,
+        max_queue: int = 8,
+        *,
+        standing: bool = False,
+    ) -> None:
+        """`standing`: its workers take standing grant budgets (as with
+        INGRESS_STANDING_BUDGETS=1), whatever this process's environment says."""
+        self.standing = standing
         self.slots = HostSlots(_balancer(maxconn), queue_timeout=queue_timeout, max_queue=max_queue)
         self.server = SlotServer(self.slots)
         self.clients: list[SlotClient] = []
@@ -61,9 +71,14 @@ class Host:
             pid=os.getpid() * 10 + len(self.clients),
             generation=generation,
             answer_timeout=answer_timeout,
+            standing=self.standing,
         )
         self.clients.append(client)
         await eventually(lambda: len(self.slots.workers) == len(self.clients))
+        # A standing budget is given as its hello is read: once the worker says
+        # it has it ("budget-taken"), it writes nothing of its own unasked.
+        row = next(r for r in self.slots.workers if r.pid == client.pid)
+        await eventually(lambda: row.standing is None or row.standing_taken)
         return client
 
     def active(self) -> dict[str, int]:
@@ -75,17 +90,36 @@ class Host:
         await self.server.close()
 
 
-@pytest.fixture
-async def host():
+async def _hosts(standing: bool):
     made: list[Host] = []
 
     def make(**kw) -> Host:
-        made.append(Host(**kw))
+        made.append(Host(**kw, standing=standing))
         return made[-1]
 
     yield make
     for h in made:
         await h.close()
+
+
+@pytest.fixture(params=[False, True], ids=["asked", "standing"])
+async def host(request):
+    """Hosts whose workers ask the supervisor for every slot, or (the same
+    tests again) take standing grant budgets (`core.slot_budget`): what these
+    tests say holds in both modes, whatever INGRESS_STANDING_BUDGETS says."""
+    async for make in _hosts(request.param):
+        yield make
+
+
+@pytest.fixture
+async def asked_host():
+    """Hosts whose workers ask the supervisor for every slot (standing budgets
+    off, whatever INGRESS_STANDING_BUDGETS says): for the tests that check,
+    message by message, what the supervisor's table holds the moment a lease
+    returns, or that a grant is the supervisor's (with a standing budget the
+    worker grants it itself and tells the table after, ANSWERS_FLUSH at most)."""
+    async for make in _hosts(False):
+        yield make
 
 
 async def test_two_workers_share_one_maxconn_and_a_release_wakes_the_first_waiter(host):
@@ -217,6 +251,8 @@ async def test_who_each_call_is_is_kept_under_one_string_a_key_for_all_calls(hos
     (key,) = [row.worker for row in h.slots.workers]
     said = [Call(None, "192.0.2.1", "/ws/", f"bot-{n}").described for n in (1, 2)]  # type: ignore[arg-type]
     leases = [await w1.lease(call=call) for call in said]
+    # Granted from a standing budget, the table hears of it after (its "acquire").
+    await eventually(lambda: all(lease.id in h.server.calls_of(key) for lease in leases))
     kept = h.server.calls_of(key)
     assert [kept[lease.id] for lease in leases] == said
     first, second = (list(kept[lease.id]) for lease in leases)
@@ -308,13 +344,16 @@ async def test_the_grant_carries_the_fleet_once_and_the_worker_sees_it_ready(hos
     assert a1.fleet.admin is a1.fleet.admin.READY  # the file said drain; live it is READY
 
 
-async def test_after_a_reload_that_left_a_fleet_equal_its_grants_carry_no_spec_by_identity(host):
+async def test_after_a_reload_that_left_a_fleet_equal_its_grants_carry_no_spec_by_identity(
+    asked_host,
+):
     """A reload sets each fleet's spec anew (`FleetSet`), equal when the file
     did not change it: the next grant carries no spec and the channel keeps
     the new object, so the grants after it are told spec-less by identity
     (`granted_line`). Fails on main: the old object stayed kept, and every
-    grant of the fleet after any reload compared the specs by value."""
-    h = host(maxconn=4)
+    grant of the fleet after any reload compared the specs by value. The
+    supervisor's grants: asked (a standing budget's carry their specs with it)."""
+    h = asked_host(maxconn=4)
     w1 = await h.worker()
     first = await w1.lease()
     a = h.slots.balancer.get(first.fleet.name)
@@ -355,6 +394,7 @@ async def test_a_fleets_429_makes_it_full_where_slots_are_handed_out(host, kind)
     fleet gets no call until a probe says it has room, in this process
     (`Dispatcher`) or in the supervisor's table for a worker (op `full`)."""
     balancer = _balancer(8)
+    h: Host | None = None
     if kind == "dispatcher":
         source: Dispatcher | SlotClient = Dispatcher(balancer, queue_timeout=0, max_queue=8)
     else:
@@ -364,24 +404,39 @@ async def test_a_fleets_429_makes_it_full_where_slots_are_handed_out(host, kind)
     a, b = balancer.fleets
     for fleet in (a, b):  # probed: 5 free each
         fleet.reported_available, fleet.opened_at_probe = 5, fleet.opened_total
+    if h is not None:
+        h.server.wake()  # as the poller does after a probe
+        await eventually(
+            lambda: all(r.standing is None or r.standing_taken for r in h.slots.workers)
+        )
     first = await source.lease()
     assert first.fleet.name == "a"
     first.fleet_said_full()
     await eventually(lambda: a.full)
     first.release()
     await eventually(lambda: a.active == 0)
+    # A standing budget on it is taken back at the 429 ("budget-end", one
+    # round trip): kept, its worker granted a calls until its next probe.
+    await eventually(lambda: a.standing == 0)
     assert a.estimated_available == 0
     # a carries no call and b one, yet every new call goes to b.
     assert [(await source.lease()).fleet.name for _ in range(3)] == ["b", "b", "b"]
     a.reported_available, a.opened_at_probe = 3, a.opened_total  # its next probe
+    if h is not None:
+        h.server.wake()
+        if h.standing:  # budgets it was not in are given anew with it (a round trip)
+            await eventually(
+                lambda: a.standing > 0 and all(r.standing_taken for r in h.slots.workers)
+            )
     assert (await source.lease()).fleet.name == "a"
 
 
-async def test_a_worker_tells_when_fleets_answer_its_calls_with_its_next_message(host):
+async def test_a_worker_tells_when_fleets_answer_its_calls_with_its_next_message(asked_host):
     """A lease is in flight in the supervisor's table until the worker says the
     fleet answered its call: with the next message it sends (here a release),
-    or on its own after ANSWERS_FLUSH."""
-    h = host(maxconn=8)
+    or on its own after ANSWERS_FLUSH. Asked: a lease from a standing budget is
+    in flight in the table only once its "acquire" is read."""
+    h = asked_host(maxconn=8)
     w1 = await h.worker()
 
     def in_flight() -> set[object]:
@@ -908,6 +963,8 @@ async def test_an_op_the_coordinator_does_not_know_is_logged_once_and_the_channe
     for _ in range(3):
         w1.send({"op": "future-op", "id": 1})
     assert (await w1.lease()).fleet.name in {"a", "b"}  # answered after the op was read
+    # (Granted from a standing budget, at once: the table reads the ops after.)
+    await eventually(lambda: _unknown_ops_logged(caplog))
     assert not w1.lost.done() and held.held
     assert [r.pid for r in h.slots.workers] == [w1.pid]
     assert [(f["op"], f["pid"]) for f in _unknown_ops_logged(caplog)] == [("future-op", w1.pid)]

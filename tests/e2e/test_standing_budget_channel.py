@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
@@ -17,6 +18,7 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_wire import encode
 from tests.support import eventually
 
 
@@ -320,4 +322,50 @@ async def test_a_worker_told_to_stop_declines_its_standing_budget() -> None:
         assert fleet.standing == 0 and server.slots.get(key).standing is None
     finally:
         client.close()
+        await server.close()
+
+
+async def test_a_budget_grant_read_after_its_fleet_went_down_is_named_to_its_worker() -> None:
+    """A worker granted a call from its standing budget on a fleet that went
+    DOWN before the supervisor read that grant's "acquire" (in flight, or held
+    with INGRESS_STANDING_BUDGETS=held): the "fleet-down" that named the calls
+    in flight there had gone without it. It is named on its own when read, so
+    the worker gives the attempt up and retries elsewhere (before: it waited
+    for its connect and answer timers on a fleet known DOWN)."""
+    server = _server(maxconn=8)
+    (fleet,) = server.slots.balancer.fleets
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    try:
+        await server.adopt(ours)
+        theirs.setblocking(False)
+        hello = {
+            "op": "hello",
+            "pid": 4545,
+            "generation": 1,
+            "answers": True,
+            "budgets": True,
+            "standing": True,
+            "fleet_down": True,
+        }
+        await loop.sock_sendall(theirs, encode(hello))
+        heard = b""
+        async with asyncio.timeout(5):
+            while b'"budget"' not in heard:
+                heard += await loop.sock_recv(theirs, 65536)
+        await loop.sock_sendall(theirs, encode({"op": "budget-taken"}))
+        await eventually(lambda: fleet.standing > 0 and server.slots.workers[0].standing_taken)
+        fleet.health = Health.DOWN  # nothing in flight there: no "fleet-down" to anyone
+        server.fleet_down(fleet)
+        grant = {"op": "acquire", "id": 1, "budget": True, "standing": True, "fleet": "a"}
+        await loop.sock_sendall(theirs, encode(grant))
+        heard = b""
+        async with asyncio.timeout(5):
+            while b'"fleet-down"' not in heard:
+                heard += await loop.sock_recv(theirs, 65536)
+        (down,) = [m for m in map(json.loads, heard.splitlines()) if m["op"] == "fleet-down"]
+        assert down == {"op": "fleet-down", "fleet": "a", "leases": [1]}
+        assert fleet.active == 1  # the host's grant all the same, until it gives it back
+    finally:
+        theirs.close()
         await server.close()

@@ -2864,7 +2864,10 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
     old = _supervisor(tmp_path)
     ours, theirs = socket.socketpair()
     await old.server.adopt(ours, worker=(os.getpid(), 1))  # alive as long as the test
-    worker = await SlotClient.connect(sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5)
+    # Asked: a standing worker's own "budget-taken" could land inside the cut line.
+    worker = await SlotClient.connect(
+        sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5, standing=False
+    )
     new: Supervisor | None = None
     try:
         await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
@@ -2899,11 +2902,12 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
 
 
 async def _new_image_of(
-    tls_files: TLSFiles, home: Path, *, answering: bool
+    tls_files: TLSFiles, home: Path, *, answering: bool, standing: bool | None = None
 ) -> tuple[Supervisor, Supervisor, SlotClient | None, socket.socket]:
     """An image with one worker channel (this process, a real `SlotClient` when
     `answering`, else a peer that never reads), handed over as `_reexec` does
-    but for the exec itself, and the next image built on it, not started."""
+    but for the exec itself, and the next image built on it, not started.
+    `standing`: the client's mode (None: INGRESS_STANDING_BUDGETS's)."""
     await write_run_home(tls_files, home, ["https://127.0.0.1:9 name=a"], workers=1)
     old = _supervisor(home)
     ours, theirs = socket.socketpair()
@@ -2911,7 +2915,7 @@ async def _new_image_of(
     worker = None
     if answering:
         worker = await SlotClient.connect(
-            sock=theirs, pid=os.getpid(), generation=1, answer_timeout=30
+            sock=theirs, pid=os.getpid(), generation=1, answer_timeout=30, standing=standing
         )
     await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()] or not answering)
     fd = state_fd(old.upgrade._state_for_exec())
@@ -2930,7 +2934,8 @@ async def test_the_new_image_grants_while_its_stats_and_admin_sites_are_being_se
     has it while the stats site's start is held (before session 39 the table
     was rebuilt after the probes, the warnings and both sites: every step of
     them was more of the carriers' wait)."""
-    old, new, worker, _ = await _new_image_of(tls_files, tmp_path, answering=True)
+    # Asked: with a standing budget the call is granted from it, not asked.
+    old, new, worker, _ = await _new_image_of(tls_files, tmp_path, answering=True, standing=False)
     assert worker is not None
     leasing = asyncio.ensure_future(worker.lease())  # asked during the exec
     held = asyncio.Event()

@@ -203,7 +203,7 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
 
     table = format_stat_table(snap)
     assert "worker  gen  calls" in table
-    assert "101     1    0      0      0        draining" in table
+    assert "101     1    0      0      0        0         draining" in table
     page = render_stats_page(snap)
     assert '<table id="workers">' in page and "<td>202</td>" not in page
     assert 'port 80 (ACME, redirects)</td><td class="l">7 open' in page
@@ -240,6 +240,8 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "calls": 0,
             "connections": None,
             "closing_calls": None,
+            "reserved": 0,
+            "reserved_by_fleet": {},
             "draining": None,
             "channel_lost": False,
             "state": None,
@@ -1069,3 +1071,62 @@ class _Sampled:
 
     def __init__(self, histogram) -> None:
         self.collect = histogram.collect
+
+
+def test_slots_reserved_for_standing_budgets_are_shown_per_fleet_and_per_worker():
+    """A fleet at maxconn showed fewer calls than maxconn while workers held
+    standing budgets on it, and nothing said why (docs/WORKERS.md "Standing
+    budgets", session 43): its reserved slots are in /stats.json, `stat`,
+    /stats and /metrics, the fleet's the workers' summed."""
+    *_, r1 = a_worker(1, pid=101, generation=1)
+    *_, r2 = a_worker(1, pid=202, generation=1)
+    slots, view = host_with(r1, r2)
+    slots.give_standing(0, {"a": 5, "b": 2})
+    slots.give_standing(1, {"a": 3})
+    slots.grant_standing(0, 1, "a")  # a call granted from worker 101's budget
+    slots.acquire(1, 7, [], now=0.0)  # and one asked of the supervisor
+
+    snap = host_snapshot(slots, view, started_at=0.0)
+    fleets = {f["name"]: f for f in snap["fleets"]}
+    assert {n: (f["reserved"], f["maxconn"]) for n, f in fleets.items()} == {
+        "a": (5 + 3 - 1, 16),
+        "b": (2, 16),
+    }
+    # Reserved slots are no calls: a's call from the budget and the one asked.
+    assert fleets["a"]["active"] >= 1 and fleets["a"]["active"] + fleets["b"]["active"] == 2
+    workers = {w["pid"]: (w["reserved"], w["reserved_by_fleet"]) for w in snap["workers"]}
+    assert workers == {101: (6, {"a": 4, "b": 2}), 202: (3, {"a": 3})}
+    json.dumps(snap)
+
+    table = format_stat_table(snap)
+    assert "reserved: a 7, b 2" in table.splitlines()
+    assert any(line.startswith("reserved = ") for line in table.splitlines())
+    header = next(line for line in table.splitlines() if line.startswith("worker "))
+    assert header.split()[:6] == ["worker", "gen", "calls", "conns", "closing", "reserved"]
+    row = next(line for line in table.splitlines() if line.startswith("101 "))
+    assert row.split()[2:6] == ["1", "0", "0", "6"]  # calls, conns, closing, reserved
+
+    page = render_stats_page(snap)
+    assert "+7 reserved</span></td>" in page and "+2 reserved</span></td>" in page
+    assert "<th" in page and ">reserved</th>" in page
+    assert '<td class="l">101</td><td>1</td><td>1</td><td>0</td><td>0</td><td>6</td>' in page
+
+    m = families(HostMetrics(slots, view).prometheus)
+    assert m["fleet_ingress_fleet_reserved_slots"] == {
+        (("fleet", "a"),): 7.0,
+        (("fleet", "b"),): 2.0,
+    }
+    assert m["fleet_ingress_worker_reserved_slots"] == {
+        (("fleet", "a"), ("generation", "1"), ("pid", "101")): 4.0,
+        (("fleet", "b"), ("generation", "1"), ("pid", "101")): 2.0,
+        (("fleet", "a"), ("generation", "1"), ("pid", "202")): 3.0,
+    }
+
+    # Taken back ("budget-dropped"): nothing reserved, nothing said.
+    slots.drop_standing(0)
+    slots.drop_standing(1)
+    snap = host_snapshot(slots, view, started_at=0.0)
+    assert [f["reserved"] for f in snap["fleets"]] == [0, 0]
+    assert [w["reserved"] for w in snap["workers"]] == [0, 0]
+    assert "reserved:" not in format_stat_table(snap)
+    assert " reserved</span>" not in render_stats_page(snap)

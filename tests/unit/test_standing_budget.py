@@ -133,6 +133,128 @@ def test_a_budget_on_a_fleet_pick_would_not_choose_is_taken_back(change: str) ->
     assert slots.end_standing() == ["w1"]
 
 
+@pytest.mark.parametrize("change", ["up", "ready", "added", "room"])
+def test_a_fleet_that_can_take_calls_again_takes_back_budgets_it_is_not_in(change: str) -> None:
+    """A budget given while fleet b could not take calls names a alone: kept,
+    its worker granted every call on a while b, with none, got only calls
+    asked of the supervisor (leastconn broken as long as budgets stood, which
+    is as long as nobody queues). Once b can be shared (UP, READY, added, room
+    again), the budgets it is missing from are taken back, to be given anew
+    with it. Not for a fleet a share would give nothing (no churn at each probe)."""
+    text = "https://a.test name=a maxconn=10\nhttps://b.test name=b maxconn=10\n"
+    if change == "added":
+        text = "https://a.test name=a maxconn=10\n"
+    slots = _table(text)
+    for fleet in slots.balancer.fleets:
+        fleet.health = Health.UP
+    a = _fleet(slots, "a")
+    b = slots.balancer.get("b")
+    if change == "up":
+        assert b is not None
+        b.health = Health.DOWN
+    elif change == "ready":
+        assert b is not None
+        b.admin = Admin.DRAIN
+    elif change == "room":
+        assert b is not None
+        b.reported_available, b.opened_at_probe = 0, b.opened_total  # FULL by its word
+    slots.join("w1", pid=1, generation=1)
+    slots.join("w2", pid=2, generation=1)
+    for w in ("w1", "w2"):
+        slots.give_standing(w, standing_share(slots.balancer.fleets, 2, queue_length=0))
+        slots.standing_taken(w)
+    assert set(slots.row("w1").standing_fleets) == {"a"} and a.standing > 0
+    assert slots.end_standing() == []  # b cannot take calls: nothing missing
+
+    if change == "up":
+        b.health = Health.UP
+    elif change == "ready":
+        b.admin = Admin.READY
+    elif change == "room":
+        b.reported_available, b.opened_at_probe = 6, b.opened_total
+    else:
+        (spec,) = parse_fleets_text("https://b.test name=b", default_maxconn=10)
+        b = slots.balancer.members.add(spec, capacity_aware=False)  # type: ignore[attr-defined]
+        b.health = Health.UP  # its first probe passed
+    assert slots.end_standing(fleets_changed=False) == []  # looked at on a wake only
+    assert slots.end_standing() == ["w1", "w2"]
+    for w in ("w1", "w2"):
+        slots.drop_standing(w)
+    slots.give_standing("w1", standing_share(slots.balancer.fleets, 2, queue_length=0))
+    assert set(slots.row("w1").standing_fleets) == {"a", "b"}
+
+    # A fleet whose share is nothing (1 free slot over 2 takers + 1) is no reason.
+    slots.drop_standing("w1")
+    b.spec = dataclasses.replace(b.spec, maxconn=1)
+    for w in ("w1", "w2"):
+        slots.give_standing(w, standing_share(slots.balancer.fleets, 2, queue_length=0))
+    assert "b" not in slots.row("w2").standing_fleets
+    assert slots.end_standing() == []
+    # Nor one past the most fleets a budget names.
+    b.spec = dataclasses.replace(b.spec, maxconn=10)
+    assert slots.end_standing(fleets_most=1) == []
+    assert slots.end_standing() == ["w1", "w2"]
+
+
+def test_a_budget_whose_fleet_spec_changed_is_taken_back_one_round_trip_of_the_old() -> None:
+    """A transcript of the spec staleness. The worker grants from its standing
+    budget with the spec the budget was sent with (its record of the fleet is
+    set from it at each grant). A reload that changes the fleet in place (its
+    maxconn raised, its admin: not its address, which is a move and drains
+    the old) took nothing back: a budget granted the old spec, and held the
+    share of the old maxconn, for as long as it stood.
+    Now the wake after it takes the budget back; grants until the worker
+    reads "budget-end" (one round trip) are the old spec's, the next budget
+    carries the new. A reload that leaves the spec equal takes nothing back."""
+    slots = _table("https://a.test name=a maxconn=10\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 3})
+    slots.standing_taken("w1")
+    sent = a.spec
+    a.spec = dataclasses.replace(a.spec)  # a reload of the same file: equal, anew
+    assert slots.end_standing() == []
+    assert slots.row("w1").standing_specs["a"] is a.spec  # next look: `is`
+    a.spec = dataclasses.replace(a.spec, maxconn=20)  # raised
+    assert a.spec != sent
+    assert slots.end_standing() == ["w1"]  # "budget-end" goes
+    slots.grant_standing("w1", 1, "a")  # granted (old spec) before it read it
+    slots.drop_standing("w1")
+    slots.give_standing("w1", {"a": 2})
+    assert slots.row("w1").standing_specs["a"] is a.spec
+    assert slots.end_standing() == []
+
+
+def test_a_fleet_removed_with_reserved_slots_takes_a_budget_call_for_one_round_trip() -> None:
+    """A transcript of the removed-fleet race, pinned as it is: remove-fleet on
+    a fleet with no call but slots reserved in a standing budget reaps it at
+    once (`FleetSet.reap` looks at its calls), and the budget is taken back
+    at the wake after. A grant the worker made from it before it read
+    "budget-end" is the host's all the same (its call was already on its
+    way): counted on the record of the fleet gone, given back when it ends.
+    After "budget-dropped" no grant there is taken."""
+    slots = _table("https://a.test name=a\nhttps://b.test name=b\n")
+    for fleet in slots.balancer.fleets:
+        fleet.health = Health.UP
+    a = _fleet(slots, "a")
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 2, "b": 2})
+    slots.standing_taken("w1")
+    fleet_set = slots.balancer.members
+    assert fleet_set.remove(a) is True  # type: ignore[attr-defined]  # reaped: no call on it
+    assert slots.balancer.get("a") is None and a.standing == 2
+    assert slots.end_standing() == ["w1"]  # "budget-end": a is being removed
+    granted = slots.grant_standing("w1", 1, "a")  # before it read "budget-end"
+    assert granted.fleet is a and a.active == 1 and slots.row("w1").held == {1: a}
+    slots.drop_standing("w1")
+    assert a.standing == 0
+    with pytest.raises(SlotProtocolError):
+        slots.grant_standing("w1", 2, "a")
+    slots.release("w1", 1)
+    assert a.active == 0 and slots.row("w1").held == {}
+
+
 def test_a_worker_gone_gives_its_budget_back_at_once_kept_calls_or_not() -> None:
     slots = _table("https://a.test name=a maxconn=4\n")
     a = _fleet(slots, "a")

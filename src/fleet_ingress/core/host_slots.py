@@ -39,7 +39,8 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
-from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends
+from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.core.slot_budget import Budget, BudgetFleet, standing_ends, standing_misses
 
 WorkerKey = Hashable  # whatever names a worker's channel to the caller
 
@@ -130,6 +131,9 @@ class WorkerRow:
     # not read yet (`drop_standing`).
     standing: Budget | None = None
     standing_fleets: dict[str, FleetState] = field(default_factory=dict)
+    # Each fleet's spec as its budget was sent with it: the worker grants
+    # from the budget with that one (`spec_moved`).
+    standing_specs: dict[str, FleetSpec] = field(default_factory=dict)
     standing_taken: bool = False
     standing_ending: bool = False
 
@@ -156,6 +160,23 @@ class _Waiter:
     avoid: frozenset[str]
     since: float  # when it asked: the queue is in this order
     deadline: float
+
+
+def _spec_moved(row: WorkerRow) -> bool:
+    """A fleet of `row`'s standing budget is not what the budget was sent
+    with (a reload changed it in place: its maxconn, its admin): the
+    worker grants from it with the spec it came with, so it is taken back, to
+    be given anew with the new one (one round trip of the old spec). A spec
+    set anew but equal (every reload sets them all) is kept, and remembered
+    by identity so that the next look is an `is`."""
+    for name, fleet in row.standing_fleets.items():
+        sent = row.standing_specs.get(name)
+        if sent is fleet.spec:
+            continue
+        if sent != fleet.spec:
+            return True
+        row.standing_specs[name] = fleet.spec
+    return False
 
 
 class HostSlots:
@@ -517,6 +538,7 @@ class HostSlots:
                 continue
             fleet.standing += slots
             row.standing_fleets[name] = fleet
+            row.standing_specs[name] = fleet.spec
             fleets.append(BudgetFleet(name, slots, fleet.active, most=slots))
         if fleets:
             # Its own copy: the one sent is the worker's.
@@ -547,21 +569,39 @@ class HostSlots:
         fleet.standing -= 1
         return self._grant(row, lease, fleet)
 
-    def end_standing(self, *, fleets_changed: bool = True) -> list[WorkerKey]:
+    def end_standing(
+        self,
+        *,
+        fleets_changed: bool = True,
+        takers: int | None = None,
+        fleets_most: int | None = None,
+    ) -> list[WorkerKey]:
         """The workers whose standing budgets must be taken back now ("budget-end"
         to each, marked sent): all while a call waits in the queue (FIFO) or
         the table is paused; else, if `fleets_changed` (a probe, an admin
         change: the caller knows), those holding one on a fleet pick would not
-        choose (`slot_budget.standing_ends`). Nothing to look at otherwise: a
-        slot given back or granted changes neither."""
+        choose (`slot_budget.standing_ends`), and those a fleet that could be
+        shared now is missing from (`slot_budget.standing_misses`, over
+        `takers` workers taking budgets, those holding one if not said; at
+        most `fleets_most` fleets a budget): given anew, it names that fleet.
+        Nothing to look at otherwise: a slot given back or granted changes
+        neither."""
         everyone = bool(self._queue) or self.paused
         if not everyone and not fleets_changed:
             return []
+        if takers is None:
+            takers = sum(1 for row in self._rows.values() if row.standing is not None)
+        fleets = self.balancer.fleets
         ending: list[WorkerKey] = []
         for row in self._rows.values():
             if row.standing is None or row.standing_ending:
                 continue
-            if everyone or any(standing_ends(f) for f in row.standing_fleets.values()):
+            if (
+                everyone
+                or any(standing_ends(f) for f in row.standing_fleets.values())
+                or _spec_moved(row)
+                or standing_misses(fleets, row.standing_fleets, takers, fleets_most=fleets_most)
+            ):
                 row.standing_ending = True
                 ending.append(row.worker)
         return ending
@@ -591,6 +631,7 @@ class HostSlots:
                 row.standing_fleets[name].standing -= left
         row.standing = None
         row.standing_fleets = {}
+        row.standing_specs = {}
         row.standing_taken = row.standing_ending = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:

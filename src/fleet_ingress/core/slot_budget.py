@@ -133,6 +133,27 @@ def standing_ends(fleet: FleetState) -> bool:
     )
 
 
+def standing_misses(
+    fleets: Sequence[FleetState],
+    held: Collection[str],
+    takers: int,
+    *,
+    fleets_most: int | None = None,
+) -> bool:
+    """A standing budget holding fleets `held` must be taken back to be given
+    anew: a fleet pick could choose now that a share would give slots to
+    (`standing_share` over `takers`) is not in it (it came UP, out of MAINT or
+    DRAIN, was added, or has room again). Kept, the worker would grant every
+    call from the fleets it holds while the one left out, with fewer calls,
+    got only those asked of the supervisor: leastconn broken for as long as
+    the budget stood. Never once the budget names `fleets_most` fleets (the
+    most one holds: a share names no more)."""
+    if fleets_most is not None and len(held) >= fleets_most:
+        return False
+    divide = max(takers, 1) + 1
+    return any(f.name not in held and free_slots(f) // divide > 0 for f in fleets)
+
+
 @dataclass(slots=True)
 class BudgetFleet:
     """One fleet of a worker's budget: slots left, and the host's calls there

@@ -182,7 +182,13 @@ class RemoteLease:
 
 class SlotClient(asyncio.Protocol):
     def __init__(
-        self, *, pid: int, generation: int, answer_timeout: float, hello: bool = True
+        self,
+        *,
+        pid: int,
+        generation: int,
+        answer_timeout: float,
+        hello: bool = True,
+        standing: bool | None = None,
     ) -> None:
         """`answer_timeout` bounds a wait for the coordinator's answer; set it
         above the queue timeout (which the coordinator enforces itself) plus
@@ -192,7 +198,9 @@ class SlotClient(asyncio.Protocol):
         "hello": a supervisor re-executed before it read ours asks "sync" (and
         more) at once, and the answer must come after the "hello", from a
         worker whose handlers are in place. What comes meanwhile is held, up
-        to `HELD_BEFORE_HELLO` messages (more breaks the channel)."""
+        to `HELD_BEFORE_HELLO` messages (more breaks the channel). `standing`:
+        whether it takes standing grant budgets (None: this process's
+        INGRESS_STANDING_BUDGETS, `STANDING_BUDGETS`)."""
         self.pid = pid
         # The tag of this worker's call ids (`net.calls.process_tag`), said in its
         # hello and state: the supervisor refuses an id of another process's.
@@ -257,7 +265,7 @@ class SlotClient(asyncio.Protocol):
         # write, or ANSWERS_FLUSH after: `_flush_soon`).
         self._standing = False
         # Whether it says it takes standing budgets (set before its hello).
-        self.takes_standing = STANDING_BUDGETS
+        self.takes_standing = STANDING_BUDGETS if standing is None else standing
         self._held_lines: list[bytes] = []
         # Leases given up unanswered while a standing budget stood: should the
         # grant come after all, the supervisor held it when it read the release
@@ -280,12 +288,18 @@ class SlotClient(asyncio.Protocol):
         generation: int,
         answer_timeout: float,
         hello: bool = True,
+        standing: bool | None = None,
     ) -> SlotClient:
         """Over an inherited socket (`sock`, the worker's end of a socketpair)
-        or to the coordinator's listening Unix socket (`path`)."""
+        or to the coordinator's listening Unix socket (`path`). `standing`: as
+        the constructor's (None: this process's INGRESS_STANDING_BUDGETS)."""
         loop = asyncio.get_running_loop()
         make = lambda: cls(  # noqa: E731
-            pid=pid, generation=generation, answer_timeout=answer_timeout, hello=hello
+            pid=pid,
+            generation=generation,
+            answer_timeout=answer_timeout,
+            hello=hello,
+            standing=standing,
         )
         if sock is not None:
             _, client = await loop.create_unix_connection(make, sock=sock)

@@ -47,6 +47,7 @@ from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import (
     REPORT_OVERDUE,
     Answer,
@@ -918,6 +919,21 @@ class SlotServer:
                 row.silent_pulls, row.silent_since = 0, None
         return silent
 
+    @staticmethod
+    def _told_down_late(channel: _Channel, lease: int, fleet: FleetState) -> None:
+        """A grant from a standing budget read after its fleet went DOWN (the
+        worker granted it before it read "budget-end", its "acquire" on its
+        way, or held: INGRESS_STANDING_BUDGETS=held) was in no "fleet-down":
+        named now, as `fleet_down` names the calls in flight there, so that
+        its worker gives the attempt up and tries another fleet rather than
+        wait for its timers."""
+        if (
+            fleet.health is Health.DOWN
+            and channel.hears_down
+            and (channel.key, lease) in fleet.pending
+        ):
+            channel.send({"op": "fleet-down", "fleet": fleet.name, "leases": [lease]})
+
     def fleet_down(self, fleet: FleetState) -> None:
         """`fleet` went DOWN (its probes, or calls it refused): every worker with
         calls in flight there (granted, its fleet's answer not told yet) is told
@@ -1013,9 +1029,12 @@ class SlotServer:
             lease = field(message, "id", int)
             if message.get("budget") is True and message.get("standing") is True:
                 # Granted by the worker from its standing budget: the host's grant.
-                self.slots.grant_standing(channel.key, lease, field(message, "fleet", str))
+                granted = self.slots.grant_standing(
+                    channel.key, lease, field(message, "fleet", str)
+                )
                 if isinstance(call := message.get("call"), dict):
                     self._keep_call(channel.key, lease, call, message)
+                self._told_down_late(channel, lease, granted.fleet)
                 return
             if message.get("budget") is True:
                 # Granted by the worker from its budget: read before its "state"
@@ -1074,6 +1093,9 @@ class SlotServer:
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             if fleet is not None:  # not if given back meanwhile: nothing to say then
                 take_as_full(fleet)
+                # Standing budgets on it are taken back: kept, their workers
+                # granted it calls (429s to carriers) until its next probe.
+                self._review_standing(fleets_changed=True)
         elif op == "unreachable":  # that lease's call could not connect to its fleet
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             refused = message.get("refused", True) is not False
@@ -1412,13 +1434,6 @@ class SlotServer:
         tried again STANDING_RETRY later, or at the next `wake`: not at every
         message, each look a pass over the fleets)."""
         slots = self.slots
-        for key in slots.end_standing(fleets_changed=fleets_changed):
-            # Not to one being restored: its budget ended at "sync", and the
-            # table's copy ends with its "state" (`HostSlots.restore`).
-            if (channel := self._channels.get(key)) is not None and not channel.restoring:
-                channel.send({"op": "budget-end"})
-        if slots.queue_length or slots.paused:
-            return
         takers = [
             c
             for c in self._channels.values()
@@ -1429,6 +1444,16 @@ class SlotServer:
             and c.transport is not None
             and not c.transport.is_closing()
         ]
+        ending = slots.end_standing(
+            fleets_changed=fleets_changed, takers=len(takers), fleets_most=BUDGET_FLEETS_MAX
+        )
+        for key in ending:
+            # Not to one being restored: its budget ended at "sync", and the
+            # table's copy ends with its "state" (`HostSlots.restore`).
+            if (channel := self._channels.get(key)) is not None and not channel.restoring:
+                channel.send({"op": "budget-end"})
+        if slots.queue_length or slots.paused:
+            return
         now: float | None = None
         for channel in takers:
             row = slots.find_row(channel.key)

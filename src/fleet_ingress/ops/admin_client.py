@@ -20,6 +20,7 @@ from fleet_ingress.ops.call_display import describe_ended, format_calls_table
 from fleet_ingress.ops.fleet_display import (
     REMOVED_NOTE,
     REMOVED_ROW,
+    RESERVED_NOTE,
     admin_saved,
     calls_ended_summary,
     certificate_chain_doubted,
@@ -34,6 +35,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     queue_waits,
     removed_shown,
+    reserved_summary,
     shown_free,
     shown_health,
     supervisor_oom_killed,
@@ -526,6 +528,9 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     lines.append("ended = calls ended other than by a hang-up (carrier or fleet closed), by why")
     if removed_shown(snap) is not None:
         lines.append(REMOVED_NOTE)
+    if (reserved := reserved_summary(snap["fleets"])) is not None:
+        lines.append(reserved)
+        lines.append(RESERVED_NOTE)
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
         + (
@@ -578,7 +583,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
 def _workers_lines(workers: list[dict[str, Any]]) -> str:
     """A row per worker process (a supervisor's snapshot)."""
     # calls: held now; closing: ended, connections still closing
-    rows = [("worker", "gen", "calls", "conns", "closing", "state", "report", "code")]
+    # reserved: slots held for its standing grant budget (RESERVED_NOTE)
+    rows = [("worker", "gen", "calls", "conns", "closing", "reserved", "state", "report", "code")]
     for w in workers:
         state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
@@ -591,6 +597,7 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
                 str(w["calls"]),
                 _dash(w["connections"]),
                 _dash(w.get("closing_calls")),  # None: not reported, or a release before it
+                str(w.get("reserved", 0)),  # a release before the key: none
                 state,
                 age,
                 _dash(w.get("code")),  # None: not reported yet, or a release before it

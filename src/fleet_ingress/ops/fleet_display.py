@@ -72,6 +72,24 @@ REMOVED_NOTE = (
 )
 
 
+RESERVED_NOTE = (
+    "reserved = a fleet's slots held for workers' standing grant budgets "
+    "(INGRESS_STANDING_BUDGETS): no call yet, a worker grants one from them without "
+    "asking the supervisor; counted against maxconn, not in cur (a fleet at maxconn "
+    "shows cur + reserved = max), given back when a call must queue"
+)
+
+
+def reserved_summary(fleets: list[dict[str, Any]]) -> str | None:
+    """The fleets holding slots for standing budgets, and how many: "reserved:
+    a 5, b 3" (None: none; a release before the key said none)."""
+    held = [(f["name"], f.get("reserved") or 0) for f in fleets]
+    shown = [f"{name} {n}" for name, n in held if n]
+    if not shown:
+        return None
+    return "reserved: " + ", ".join(shown)
+
+
 def removed_shown(snap: dict[str, Any]) -> dict[str, Any] | None:
     """The removed fleets' row of a snapshot when it has a count (None: none,
     or a release before the key)."""

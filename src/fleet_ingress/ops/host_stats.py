@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleet_ingress.core.balancer import FleetState
-from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_slots import HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView, Key, WorkerId
 from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
@@ -225,6 +225,7 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     slot now) and its last report's (connections, draining, started, age)."""
     reported = {(w.pid, w.generation): w for w in view.workers(now)}
     held = {(r.pid, r.generation): r.calls for r in slots.workers}
+    reserved = {(r.pid, r.generation): reserved_slots(r) for r in slots.workers}
     # Its channel ended while it runs: it finishes its calls, its slots still counted.
     lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
     stuck = {(r.pid, r.generation) for r in slots.workers if r.stuck}
@@ -242,6 +243,10 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "calls": held.get(worker, seen.calls if seen else 0),
                 "connections": None if seen is None else seen.connections,
                 "closing_calls": None if seen is None else seen.closing_calls,
+                # Slots held for its standing grant budget (INGRESS_STANDING_BUDGETS),
+                # by fleet (those it has left there): in the fleets' `reserved`.
+                "reserved": sum(reserved.get(worker, {}).values()),
+                "reserved_by_fleet": reserved.get(worker, {}),
                 "draining": draining,
                 "channel_lost": worker in lost,
                 "state": worker_state(
@@ -261,6 +266,15 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
             }
         )
     return rows
+
+
+def reserved_slots(row: WorkerRow) -> dict[str, int]:
+    """A worker's standing grant budget left, fleet name -> slots (none at 0):
+    the slots the table holds for it (`FleetState.standing` summed over the
+    workers), taken back at "budget-end" only once it said it dropped them."""
+    if row.standing is None:
+        return {}
+    return {name: n for name, n in sorted(row.standing.slots().items()) if n > 0}
 
 
 def with_drain_end(row: dict[str, Any], ends_in: float | None) -> None:
@@ -560,6 +574,13 @@ class _WorkersCollector(Collector):
             "its counts its last report's.",
         )
         rss = gauge("resident_memory_bytes", "A worker's resident memory (last report).")
+        reserved = GaugeMetricFamily(
+            f"{PREFIX}_worker_reserved_slots",
+            "Slots of a fleet held for a worker's standing grant budget "
+            "(INGRESS_STANDING_BUDGETS): summed over workers, fleet_ingress_fleet_reserved_slots. "
+            "No sample for a fleet it holds none of.",
+            labels=[*labels, "fleet"],
+        )
         cpu = CounterMetricFamily(
             f"{PREFIX}_worker_cpu_seconds", "A worker's CPU time (last report).", labels=labels
         )
@@ -573,6 +594,8 @@ class _WorkersCollector(Collector):
                 draining.add_metric(key, 1 if row["draining"] else 0)
                 age.add_metric(key, row["last_report_age_s"])
             overdue.add_metric(key, 1 if row["report_overdue"] else 0)
+            for fleet, n in row["reserved_by_fleet"].items():
+                reserved.add_metric([*key, fleet], n)
             if row["resident_bytes"] is not None:
                 rss.add_metric(key, row["resident_bytes"])
             if row["cpu_seconds"] is not None:
@@ -582,7 +605,7 @@ class _WorkersCollector(Collector):
         )
         for generation, n in sorted(per_generation.items(), key=lambda e: int(e[0])):
             workers.add_metric([generation], n)
-        yield from (workers, calls, connections, draining, age, overdue, rss, cpu)
+        yield from (workers, calls, connections, draining, age, overdue, rss, cpu, reserved)
         serving, wanted = self.workers()
         yield GaugeMetricFamily(
             f"{PREFIX}_workers_serving",

@@ -519,6 +519,14 @@ class _StateCollector(Collector):
             "maxconn", "Most calls the ingress sends the fleet at once.", lambda f: f.maxconn
         )
         yield gauge(
+            "reserved_slots",
+            "Slots of the fleet held for workers' standing grant budgets "
+            "(INGRESS_STANDING_BUDGETS): no call yet, a worker may grant one without asking "
+            "the supervisor. Counted against maxconn (active_calls + reserved_slots <= "
+            "maxconn) and out of estimated_available; 0 with the switch off.",
+            lambda f: f.standing,
+        )
+        yield gauge(
             "reported_available",
             "Free workers the last passing probe reported (none in MAINT: stale).",
             lambda f: as_float(f.reported_available) if probed(f) else None,

@@ -60,6 +60,10 @@ def fleet_row(
         "full": fleet.full,
         "active": fleet.active,
         "maxconn": fleet.maxconn,
+        # Slots held for workers' standing grant budgets (INGRESS_STANDING_BUDGETS,
+        # docs/WORKERS.md "Standing budgets"): no call yet, counted against maxconn
+        # (`active` + `reserved` <= `maxconn`) and out of `estimated_available`.
+        "reserved": fleet.standing,
         "reported_available": fleet.reported_available,
         "estimated_available": fleet.estimated_available,
         "last_check": None if probe is None else probe.describe(capacity_key),

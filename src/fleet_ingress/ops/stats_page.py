@@ -14,6 +14,7 @@ from typing import Any
 from fleet_ingress.ops.fleet_display import (
     REMOVED_NOTE,
     REMOVED_ROW,
+    RESERVED_NOTE,
     admin_saved,
     calls_ended_summary,
     certificate_chain_doubted,
@@ -127,6 +128,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
             + _cell(w["calls"])
             + _cell(w["connections"])
             + _cell(w.get("closing_calls"))
+            + _cell(w.get("reserved"))
             + _cell(state, "l")
             + _cell(started, "l")
             + _cell(age)
@@ -137,9 +139,10 @@ def _workers_table(snap: dict[str, Any]) -> str:
         '<table id="workers">\n<tr><th class="l">worker pid</th><th>generation</th>'
         "<th>calls</th><th>connections</th>"
         '<th title="calls ended whose connections are still closing">closing</th>'
+        f'<th title="{escape(RESERVED_NOTE)}">reserved</th>'
         '<th class="l">state</th>'
         '<th class="l">started (UTC)</th><th>last report</th><th class="l">code</th></tr>\n'
-        + ("".join(rows) or '<tr><td class="l" colspan="9">no workers</td></tr>')
+        + ("".join(rows) or '<tr><td class="l" colspan="10">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
@@ -203,7 +206,7 @@ def _fleet_row(f: dict[str, Any]) -> str:
         f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
         f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}"
         f"{'' if admin_saved(f) else _NOT_SAVED}</td>"
-        f"<td>{f['active']}/{f['maxconn']}</td>"
+        f"<td>{f['active']}/{f['maxconn']}{_reserved(f)}</td>"
         + _cell(reported)
         + _cell(estimated)
         + f'<td class="{check_cls}">{escape(check)}'
@@ -215,6 +218,15 @@ def _fleet_row(f: dict[str, Any]) -> str:
         + _cell(f["check_failures"])
         + "</tr>"
     )
+
+
+def _reserved(f: dict[str, Any]) -> str:
+    """Under a fleet's calls/maxconn, its slots held for workers' standing
+    budgets: why a fleet at maxconn shows fewer calls."""
+    reserved = f.get("reserved") or 0  # a release before the key: none
+    if not reserved:
+        return ""
+    return f'<br><span class="muted" title="{escape(RESERVED_NOTE)}">+{reserved} reserved</span>'
 
 
 def _removed_row(snap: dict[str, Any]) -> str:
