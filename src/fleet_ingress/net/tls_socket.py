@@ -894,8 +894,11 @@ class TLSConnection:
 
     # -- closing ---------------------------------------------------------------
 
-    def close(self) -> None:
-        """Flush what is buffered, send close_notify, close; abort after CLOSE_TIMEOUT."""
+    def close(self, *, flush_within: float = 0.0) -> None:
+        """Flush what is buffered, send close_notify, close; abort after
+        CLOSE_TIMEOUT, or after `flush_within` when that is longer and bytes
+        are buffered: the caller's own bound on the flush (net/proxy.py's
+        timeouts.close_flush), which a shorter wait here would cut short."""
         state = self._state
         if state is _HANDSHAKE:
             self.abort()
@@ -903,12 +906,13 @@ class TLSConnection:
         if state is not _OPEN:
             return
         self._state = _CLOSING
+        wait = CLOSE_TIMEOUT
+        if flush_within > wait and self._out is not None:
+            wait = flush_within
         # Patient: after a stall, a peer that took our bytes or sent its
         # close_notify meanwhile gets back the time the loop took (what is
         # buffered was cut short); a silent one is aborted at once.
-        self._close_timer = PatientTimer(
-            self._loop, CLOSE_TIMEOUT, self.abort, answered=self._peer_moved
-        )
+        self._close_timer = PatientTimer(self._loop, wait, self.abort, answered=self._peer_moved)
         if self._out is not None:
             self._sync_io()
         elif self._renegotiating is not None and _in_init(self._ssl):
