@@ -819,3 +819,20 @@ def test_a_json_line_is_its_head_and_fields_as_one_object_encoded_whole(pid):
     pairs = [("n", 1)]  # fields given as pairs, not a dict, as dict.update takes them
     made = formatter.line(created, 250.0, "INFO", "fleet_ingress.access", "e", pairs)  # type: ignore[arg-type]
     assert made == whole("e", dict(pairs))
+
+
+def test_a_forked_processs_json_lines_name_its_own_pid_not_the_head_kept_before(monkeypatch):
+    """A worker is forked from the supervisor, its formatter and the heads it
+    kept with it: a line's head kept with the supervisor's pid must not be a
+    worker's (`OwnProcess.pid`, set again at the fork, is in the head's key)."""
+    formatter = JsonFormatter(pid=True)
+
+    def process() -> int:
+        line = formatter.line(
+            1_765_000_000.25, 250.0, "INFO", "fleet_ingress.access", "e", {"n": 1}
+        )
+        return json.loads(line)["process"]
+
+    assert process() == logs.OwnProcess.pid
+    monkeypatch.setattr(logs.OwnProcess, "pid", logs.OwnProcess.pid + 1)  # as _forked sets it
+    assert process() == logs.OwnProcess.pid
