@@ -144,7 +144,8 @@ WRITE_HIGH_WATER = 64 * 1024
 # (WriteBufferFull) rather than grow without bound.
 MAX_WRITE_BUFFER = WRITE_HIGH_WATER + 4 * READ_BUFFER_SIZE
 # A closing connection may wait this long for its peer to take pending bytes
-# and answer close_notify (uvloop's own SSL shutdown waits 30 s).
+# and answer close_notify (uvloop's own SSL shutdown waits 30 s); longer when
+# its closer's flush bound is (`close(flush_within=)`: timeouts.close_flush).
 CLOSE_TIMEOUT = 10.0
 
 Buffer = bytes | bytearray | memoryview
