@@ -28,6 +28,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
+from fleet_ingress.net import tls_socket
 from fleet_ingress.net.calls import END_CALL_WAIT, Registry, end_call
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
@@ -810,6 +811,20 @@ async def test_a_carrier_that_reads_past_the_close_flush_has_what_was_left_dropp
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
     await _a_carrier_reads_late(start_ingress, tls_files, reads_after=PAST_FLUSH)
+
+
+# A close flush longer than the TLS close's own wait (tls_socket.CLOSE_TIMEOUT,
+# 10 s; 0.5 s here, so that the test takes seconds): a carrier's TLS side is
+# waited for the whole flush, not cut at the TLS close's wait (it was: a
+# close_flush above 10 s did nothing for carriers and TLS fleets). The carrier
+# reads 1-2 s after its side's close (the bot's 0.5 s and the relay), 0.5 s
+# before the flush's end.
+@pytest.mark.timeout(60)
+async def test_a_close_flush_longer_than_the_tls_close_wait_holds_for_a_carrier(
+    start_ingress: StartIngress, tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(tls_socket, "CLOSE_TIMEOUT", 0.5)
+    await _a_carrier_reads_late(start_ingress, tls_files, reads_after=CLOSE_FLUSH - 0.5)
 
 
 async def _a_carrier_reads_late(

@@ -584,8 +584,8 @@ class _Kept(logging.Handler):
 @pytest.fixture
 def fast_path(monkeypatch: pytest.MonkeyPatch):
     """A sink configured as configure_logging does (the module's own, alone on
-    the parent logger of `test.fast.access`), on a StringIO; the wall clock
-    still; the LogRecords made counted. Yields (logger, sink, lines, made).
+    the parent logger of `test.fast.access`), on a StringIO; logging's wall
+    clock still; the LogRecords made counted. Yields (logger, sink, lines, made).
     The sink is made alone on its logger by `lines` (pytest's log capture
     adds its handler to every logger that does not propagate, once the
     fixtures are set up: write_event would take logging's way)."""
@@ -597,7 +597,12 @@ def fast_path(monkeypatch: pytest.MonkeyPatch):
     parent.setLevel(logging.INFO)
     logger = logging.getLogger("test.fast.access")
     monkeypatch.setattr(logs, "_sink", sink)
-    monkeypatch.setattr(time, "time", lambda: 1_765_000_000.987654)
+    # The clock LogRecord reads here (time_ns from 3.13), the other left running:
+    # write_event must read the same one.
+    if sys.version_info >= (3, 13):
+        monkeypatch.setattr(time, "time_ns", lambda: 1_765_000_000_987_654_000)
+    else:
+        monkeypatch.setattr(time, "time", lambda: 1_765_000_000.987654)
     made: list[str] = []
     real_init = logging.LogRecord.__init__
 
@@ -814,3 +819,20 @@ def test_a_json_line_is_its_head_and_fields_as_one_object_encoded_whole(pid):
     pairs = [("n", 1)]  # fields given as pairs, not a dict, as dict.update takes them
     made = formatter.line(created, 250.0, "INFO", "fleet_ingress.access", "e", pairs)  # type: ignore[arg-type]
     assert made == whole("e", dict(pairs))
+
+
+def test_a_forked_processs_json_lines_name_its_own_pid_not_the_head_kept_before(monkeypatch):
+    """A worker is forked from the supervisor, its formatter and the heads it
+    kept with it: a line's head kept with the supervisor's pid must not be a
+    worker's (`OwnProcess.pid`, set again at the fork, is in the head's key)."""
+    formatter = JsonFormatter(pid=True)
+
+    def process() -> int:
+        line = formatter.line(
+            1_765_000_000.25, 250.0, "INFO", "fleet_ingress.access", "e", {"n": 1}
+        )
+        return json.loads(line)["process"]
+
+    assert process() == logs.OwnProcess.pid
+    monkeypatch.setattr(logs.OwnProcess, "pid", logs.OwnProcess.pid + 1)  # as _forked sets it
+    assert process() == logs.OwnProcess.pid

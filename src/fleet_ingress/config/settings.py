@@ -289,8 +289,10 @@ class TimeoutsSection(_Section):
     keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
     keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
     # A side closed with bytes still to send (a close frame, a bot's last words)
-    # is cut this long after if its peer reads none of them (HAProxy's
-    # timeout client-fin / server-fin); net.proxy.CLOSE_FLUSH_TIMEOUT.
+    # is cut this long after its close if its peer has not taken them all (a
+    # bound on the whole flush, not HAProxy's inactivity timeout client-fin /
+    # server-fin); net.proxy.CLOSE_FLUSH_TIMEOUT. A TLS side's close waits this
+    # long when it is above tls_socket.CLOSE_TIMEOUT (10 s).
     close_flush: Seconds = 10.0
 
     def old_generation_drain(self) -> float:

@@ -302,7 +302,12 @@ class _Side(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self.lost or t.is_closing():
             return
-        t.close()
+        if isinstance(t, TLSConnection):
+            # Its own close waits no less than the flush may take (10 s else:
+            # a close_flush above it was cut there).
+            t.close(flush_within=self.close_flush_timeout)
+        else:
+            t.close()
         if t.get_write_buffer_size():
             # Patient: after a stall, a peer that read meanwhile (the socket
             # writable) gets back the time the loop took, so that what it took

@@ -144,7 +144,8 @@ WRITE_HIGH_WATER = 64 * 1024
 # (WriteBufferFull) rather than grow without bound.
 MAX_WRITE_BUFFER = WRITE_HIGH_WATER + 4 * READ_BUFFER_SIZE
 # A closing connection may wait this long for its peer to take pending bytes
-# and answer close_notify (uvloop's own SSL shutdown waits 30 s).
+# and answer close_notify (uvloop's own SSL shutdown waits 30 s); longer when
+# its closer's flush bound is (`close(flush_within=)`: timeouts.close_flush).
 CLOSE_TIMEOUT = 10.0
 
 Buffer = bytes | bytearray | memoryview
@@ -894,8 +895,11 @@ class TLSConnection:
 
     # -- closing ---------------------------------------------------------------
 
-    def close(self) -> None:
-        """Flush what is buffered, send close_notify, close; abort after CLOSE_TIMEOUT."""
+    def close(self, *, flush_within: float = 0.0) -> None:
+        """Flush what is buffered, send close_notify, close; abort after
+        CLOSE_TIMEOUT, or after `flush_within` when that is longer and bytes
+        are buffered: the caller's own bound on the flush (net/proxy.py's
+        timeouts.close_flush), which a shorter wait here would cut short."""
         state = self._state
         if state is _HANDSHAKE:
             self.abort()
@@ -903,12 +907,13 @@ class TLSConnection:
         if state is not _OPEN:
             return
         self._state = _CLOSING
+        wait = CLOSE_TIMEOUT
+        if flush_within > wait and self._out is not None:
+            wait = flush_within
         # Patient: after a stall, a peer that took our bytes or sent its
         # close_notify meanwhile gets back the time the loop took (what is
         # buffered was cut short); a silent one is aborted at once.
-        self._close_timer = PatientTimer(
-            self._loop, CLOSE_TIMEOUT, self.abort, answered=self._peer_moved
-        )
+        self._close_timer = PatientTimer(self._loop, wait, self.abort, answered=self._peer_moved)
         if self._out is not None:
             self._sync_io()
         elif self._renegotiating is not None and _in_init(self._ssl):
