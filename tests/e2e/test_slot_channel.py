@@ -1575,3 +1575,52 @@ async def test_every_answer_of_this_releases_coordinator_says_whether_it_came_fr
     first.release()
     third = await asyncio.wait_for(waiting, 2)
     assert 0.15 <= third.queued_s < 2.0
+
+
+async def test_a_call_with_a_record_in_its_workers_table_is_kept_so_and_ended_there_when_logged(
+    host,
+):
+    """A worker with a call table (`net.call_table_map`, a real memfd) says in
+    each slot request whether the call has a record ("table"); the supervisor
+    keeps that ("in_table": a lease the table no longer has when the worker
+    dies had its record ended and reused, `core.lost_calls.lost_with_table`).
+    Past the table's records a call has none and is not so marked. Its access
+    line written ("logged"), its record reads ENDED at once, its slot still
+    held: a death then is no second line, whatever of "logged" reached the
+    supervisor. Pins the wiring of both ends (the unit tests pin the rule)."""
+    from fleet_ingress.core.call_table import ENDED, LIVE
+    from fleet_ingress.core.lost_calls import lost_with_table
+    from fleet_ingress.net.call_table_map import CallTableWriter, make_table, read_table_fd
+
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = make_table(count=1)
+    try:
+        w1.table = CallTableWriter(os.dup(fd))
+        recorded = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        unrecorded = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})  # table full
+        await eventually(lambda: len(h.server.calls_of(key)) == 2)
+        kept = h.server.calls_of(key)
+        assert kept[recorded.id].get("in_table") is True
+        assert "in_table" not in kept[unrecorded.id]
+        recorded.call_logged()
+        assert recorded.held
+        assert {n: s for n, (s, _) in read_table_fd(fd).items()} == {recorded.id: ENDED}
+        live = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})  # no record free yet
+        assert "in_table" not in (await _kept_when_said(h, key, live.id))
+        recorded.release()
+        again = await w1.lease(call={"call_id": 4, "bot_id": "bot-4"})  # its record, reused
+        assert (await _kept_when_said(h, key, again.id)).get("in_table") is True
+        assert {n: s for n, (s, _) in read_table_fd(fd).items()} == {again.id: LIVE}
+        w1.close()
+        await eventually(lambda: not h.slots.workers)
+        lost = lost_with_table(h.server.take_calls(key), read_table_fd(fd))
+        assert sorted(c["call_id"] for c in lost.values()) == [2, 3, 4]
+    finally:
+        os.close(fd)
+
+
+async def _kept_when_said(h: Host, key: object, lease: int) -> dict[str, object]:
+    await eventually(lambda: lease in h.server.calls_of(key))
+    return h.server.calls_of(key)[lease]

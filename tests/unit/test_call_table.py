@@ -152,3 +152,42 @@ def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() 
         }
     finally:
         os.close(fd)
+
+
+def test_the_records_read_are_those_whose_state_byte_lies_in_written_data() -> None:
+    """A hole reads as zeros (FREE): only records starting inside the extents
+    are looked at, each once, in order, none past the table."""
+    assert list(t.records_written(8, [(0, 4096)])) == [0, 1]
+    assert list(t.records_written(8, [(8192, 12288)])) == [4, 5]
+    assert list(t.records_written(8, [(0, 4096), (4096, 8192)])) == [0, 1, 2, 3]
+    assert list(t.records_written(3, [(0, 1 << 20)])) == [0, 1, 2]
+    assert list(t.records_written(8, [])) == []
+    buf = _table(8)
+    t.write_live(buf, 5, 9, CALL, "a")
+    assert t.read_table(buf, [4, 5]) == t.read_table(buf)
+    assert t.read_table(buf, [0, 1]) == {}
+
+
+def test_reading_a_dead_workers_table_allocates_none_of_its_unwritten_pages() -> None:
+    """The supervisor reads a dead worker's table (`read_table_fd`): through
+    the mapping, a look at a record never written faulted its page in, and
+    shared memory allocates a page on any fault: 8 MiB of the supervisor's
+    memory a whole table, at each worker's death (an OOM kill among them).
+    Only the pages the worker wrote are read now. Real memfd."""
+    import os
+
+    from fleet_ingress.net.call_table_map import CallTableWriter, make_table, read_table_fd
+
+    fd = make_table()
+    try:
+        writer = CallTableWriter(os.dup(fd))
+        for lease in (1, 2, 3):
+            assert writer.open(lease, {**CALL, "call_id": lease}, "a")
+        assert writer.over(2)
+        written = os.fstat(fd).st_blocks
+        assert written * 512 < 64 * 1024  # a few pages, not the table
+        table = read_table_fd(fd)
+        assert {n: s for n, (s, _) in table.items()} == {1: t.LIVE, 2: t.ENDED, 3: t.LIVE}
+        assert os.fstat(fd).st_blocks == written, "reading it allocated its holes"
+    finally:
+        os.close(fd)

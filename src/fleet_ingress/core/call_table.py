@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 MAGIC = b"FICALLT1"
@@ -35,8 +35,8 @@ RECORD_SIZE = 2048
 # Records in a worker's table: more live calls than a 2-core host carries a
 # worker (bench/README: a few hundred); past it a call is told the
 # supervisor as before (its acquire and logged not held). The memory is
-# touched only where records are written: 8 MiB of address space, a few
-# pages used.
+# touched only where records are written: 8 MiB of address space, 2 KiB a
+# call at the worker's peak of live calls (two records a page).
 COUNT = 4096
 
 FREE, LIVE, ENDED = 0, 1, 2
@@ -195,12 +195,33 @@ def read_record(buf: bytes | memoryview, index: int) -> tuple[int, int, dict[str
     return state, lease, call
 
 
-def read_table(buf: bytes | memoryview) -> dict[int, tuple[int, dict[str, Any]]]:
+def records_written(count: int, extents: Iterable[tuple[int, int]]) -> Iterator[int]:
+    """The records of a table of `count` whose state byte lies in one of
+    `extents` ([start, end) byte ranges of the table that hold data, in
+    order): every other one reads FREE (a hole in shared memory reads as
+    zeros), so it need not be read at all."""
+    last = -1
+    for start, end in extents:
+        first = max(last + 1, -(-(start - HEADER_SIZE) // RECORD_SIZE), 0)
+        for index in range(first, count):
+            if record_offset(index) >= end:
+                break
+            last = index
+            yield index
+
+
+def read_table(
+    buf: bytes | memoryview, indices: Iterable[int] | None = None
+) -> dict[int, tuple[int, dict[str, Any]]]:
     """Every record not FREE, by lease: (LIVE or ENDED, its call). ValueError
-    for a table this release cannot read (`read_header`)."""
+    for a table this release cannot read (`read_header`). `indices`: the
+    records that may be written (`records_written`), the others known FREE
+    and not looked at (None: every one)."""
     count = read_header(buf)
     found: dict[int, tuple[int, dict[str, Any]]] = {}
-    for index in range(count):
+    for index in range(count) if indices is None else indices:
+        if not 0 <= index < count:
+            continue
         record = read_record(buf, index)
         if record is None:
             continue

@@ -11,6 +11,7 @@ the supervisor reads it once the worker is dead (`read_table_fd`).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from typing import Any
@@ -51,14 +52,43 @@ def taken_over(fd: Any) -> int | None:
     return fd
 
 
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The byte ranges of `fd` that hold data ([start, end), by SEEK_DATA and
+    SEEK_HOLE): the rest is holes, never written. None when the file system
+    cannot say (every byte may then hold data)."""
+    extents: list[tuple[int, int]] = []
+    at = 0
+    try:
+        while at < size:
+            try:
+                start = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from `at` on
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            extents.append((start, end))
+            at = end
+    except OSError:
+        return None
+    return extents
+
+
 def read_table_fd(fd: int) -> dict[int, tuple[int, dict[str, Any]]]:
     """What table `fd` holds (`core.call_table.read_table`); ValueError or
-    OSError when it cannot be read."""
+    OSError when it cannot be read. Only the pages the worker wrote are
+    read: a read of a hole through the mapping would allocate it (shared
+    memory's pages are made on any fault), 8 MiB for a whole table, in the
+    supervisor's memory, at a worker's death (an OOM kill among them)."""
     size = os.fstat(fd).st_size
     if size < call_table.HEADER_SIZE:
         raise ValueError(f"call table of {size} bytes: shorter than its header")
+    extents = data_extents(fd, size)
     with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
-        return call_table.read_table(mapped)
+        count = call_table.read_header(mapped)
+        if extents is None:
+            return call_table.read_table(mapped)
+        return call_table.read_table(mapped, call_table.records_written(count, extents))
 
 
 class CallTableWriter:
