@@ -613,8 +613,8 @@ class TLSConnection:
 
     def _handshake_step(self) -> None:
         try:
-            # Not SSLSocket.do_handshake: it sets the socket's timeout again after
-            # every step (a system call), to the non-blocking mode it already has.
+            # The C object's own step (no ssl.SSLSocket since session 44, whose
+            # do_handshake set the socket's timeout again after every step).
             self._sslobj.do_handshake()
         except ssl.SSLWantReadError:
             self._hs_read = True
