@@ -218,7 +218,7 @@ _VARIANT = {
 # Not a replaced method, unlike the above: the fleet connection offers a session.
 _REUSE = os.environ.get("BARE_BIO_REUSE") == "1"
 # With it: a fleet's first session is kept and offered by every later
-# connection (none taken after it: the getter copies the session each time).
+# connection (none taken after it).
 _REUSE_KEEP = os.environ.get("BARE_BIO_REUSE_KEEP") == "1"
 # BARE_BIO_INGRESS_TLS=1: both sides' contexts as the ingress makes them
 # (`net.tls`: the carrier's with its profile's ciphers and groups and one
