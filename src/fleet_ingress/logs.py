@@ -157,6 +157,21 @@ HEADS_KEPT = 256
 """Heads of lines (level, logger, event, process) a JsonFormatter keeps encoded."""
 
 
+def _line_parts(
+    record: logging.LogRecord,
+) -> tuple[float, float, str, str, str, dict[str, Any]]:
+    """What a formatter's `line` takes of a record (`write_event` passes the
+    same without one): its time, msecs, level, logger, event and fields."""
+    return (
+        record.created,
+        record.msecs,
+        record.levelname,
+        record.name,
+        record.getMessage(),
+        getattr(record, _FIELDS, {}),
+    )
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, *, pid: bool = False) -> None:
         super().__init__()
@@ -167,15 +182,8 @@ class JsonFormatter(logging.Formatter):
         self._heads: dict[tuple[str, str, str, int | None], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.line(
-            record.created,
-            record.msecs,
-            record.levelname,
-            record.name,
-            record.getMessage(),
-            getattr(record, _FIELDS, {}),
-            self.formatException(record.exc_info) if record.exc_info else None,
-        )
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(*_line_parts(record), exception)
 
     def line(
         self,
@@ -257,14 +265,7 @@ class TextFormatter(logging.Formatter):
         self.pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self.line(
-            record.created,
-            record.msecs,
-            record.levelname,
-            record.name,
-            record.getMessage(),
-            getattr(record, _FIELDS, {}),
-        )
+        line = self.line(*_line_parts(record))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
