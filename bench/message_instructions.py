@@ -12,7 +12,9 @@ them. Only the proxy process is counted; the kernel's side of its system calls
 is not (callgrind counts user space). Targets::
 
     haproxy            Debian's haproxy -db, the config the side-by-side runs render
+    ingress1p          bench/one_process_ingress.py (the worker's Ingress, no supervisor)
     bare-bio           bench/bare_bio_splice.py (BARE_BIO_REUSE=1, as call_instructions)
+    bare-bio@unlinked  ... BARE_BIO_UNLINKED=1 (the floor as it was before session 45)
     bare-bio@fused     ... BARE_BIO_FUSED=1
     bare-bio@readahead ... BARE_BIO_FUSED=1 BARE_BIO_READ_AHEAD=1
     bare-bio@crelay    ... BARE_BIO_C_RELAY=1 (bench/c_relay, built first)
@@ -23,7 +25,8 @@ is not (callgrind counts user space). Targets::
 
 Prints a table: per message, all instructions, then by shared object (each
 one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
-the C relay, haproxy, the rest), or the system calls by name.
+the C relay, haproxy, the rest: ``???``, ``_ssl``, ``_ctypes``, libffi), or the
+system calls by name; the JSON file in ``--out`` has every shared object.
 """
 
 from __future__ import annotations
@@ -39,14 +42,18 @@ from bench.call_instructions import WARMUP, count, syscalls, totals
 
 TARGETS: dict[str, tuple[str, dict[str, str]]] = {
     "haproxy": ("haproxy", {}),
+    "ingress1p": ("ingress", {}),
     "bare-bio": ("bare-bio", {}),
+    "bare-bio@unlinked": ("bare-bio", {"BARE_BIO_UNLINKED": "1"}),
     "bare-bio@fused": ("bare-bio", {"BARE_BIO_FUSED": "1"}),
     "bare-bio@readahead": ("bare-bio", {"BARE_BIO_FUSED": "1", "BARE_BIO_READ_AHEAD": "1"}),
     "bare-bio@crelay": ("bare-bio", {"BARE_BIO_C_RELAY": "1"}),
 }
 # Shared objects by group, as callgrind names them (its file name's start).
 GROUPS = (
-    ("OpenSSL", ("libssl.so", "libcrypto.so")),
+    # cryptography's bundled copy too: callgrind names some of the system
+    # libcrypto's instructions after it (call_instructions.OPENSSL_OBJECTS).
+    ("OpenSSL", ("libssl.so", "libcrypto.so", "_rust.abi3.so")),
     ("libpython", ("libpython", "python3")),
     ("uvloop", ("loop.cpython",)),
     ("libc", ("libc.so", "ld-linux")),
