@@ -78,6 +78,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -112,7 +113,10 @@ class Side:
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if _RELAYS:
-            _RELAYS.pop(self.conn, None)
+            relay = _RELAYS.pop(self.conn, None)
+            if relay is not None:
+                _RELAYED[0] += relay.records  # type: ignore[attr-defined]
+                _RELAYED[1] += relay.handed_back  # type: ignore[attr-defined]
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
@@ -397,6 +401,9 @@ def _resume_read_ahead(self: TLSConnection) -> None:
 # connection's Relay (its reader while it is registered).
 _c_relay: ModuleType | None = None
 _RELAYS: dict[TLSConnection, object] = {}
+# Records relayed in C and events handed to Python, of the relays of closed
+# connections, and the C writes that did not finish: said on stderr at the stop.
+_RELAYED = [0, 0, 0]
 
 
 def _load_c_relay() -> ModuleType:
@@ -451,6 +458,7 @@ def _relay_read_end(conn: TLSConnection, kind: str, reason: str | None) -> None:
 
 def _relay_write_failed(conn: TLSConnection, kind: str, reason: str | None, data: bytes) -> None:
     """The C relay's write to `conn` did not finish: as ``TLSConnection.write`` handles it."""
+    _RELAYED[2] += 1
     if kind == "want_write":
         conn._partial = True
     elif kind == "want_read":
@@ -525,6 +533,13 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
         await stop.wait()
     finally:
         acceptor.close()
+        if _c_relay is not None:
+            print(
+                f"BARE_BIO_C_RELAY: {_RELAYED[0]} records relayed in C, {_RELAYED[1]} "
+                f"events or failures handed to Python (connections closed), {_RELAYED[2]} "
+                "C writes unfinished (the peer's buffer)",
+                file=sys.stderr,
+            )
 
 
 def _address(text: str) -> Address:
