@@ -232,15 +232,21 @@ class FleetSide(Side):
         super().__init__(conn)
         self._key: Address | None = key
 
+    def takes_session(self) -> bool:
+        """Its session is still to be taken, at its first bytes."""
+        return self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS)
+
     def data_received(self, data: memoryview) -> None:
-        if self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS):
+        if self.takes_session():
             calls = tls_socket.session_calls()
             ssl_pointer = self.conn._ssl
             if calls is not None and ssl_pointer is not None:
                 pointer = calls.get1_session(ssl_pointer)
                 if pointer:
-                    _SESSIONS[self._key] = _HeldSession(pointer)
+                    _SESSIONS[self._key] = _HeldSession(pointer)  # type: ignore[index]
             self._key = None
+            if _c_relay is not None and self.peer is not None:
+                _relay_side(self, self.peer)  # its session taken: C from now on
         super().data_received(data)
 
 
@@ -422,23 +428,30 @@ def _load_c_relay() -> ModuleType:
 
 
 def _relay_linked(carrier: Side, fleet: Side) -> None:
-    """Both sides linked: each one's reader becomes a C Relay to the other (on
-    TLS 1.3, or 1.2 without renegotiation: writes held for a renegotiation
-    stay Python's)."""
+    """Both sides linked: each one's reader becomes a C Relay to the other; a
+    fleet's whose session is still to be taken (BARE_BIO_REUSE) once it is,
+    at its first bytes (`FleetSide.data_received`)."""
+    _relay_side(carrier, fleet)
+    if not (isinstance(fleet, FleetSide) and fleet.takes_session()):
+        _relay_side(fleet, carrier)
+
+
+def _relay_side(src: Side, dst: Side) -> None:
+    """`src`'s reader becomes a C Relay to `dst` (on TLS 1.3, or 1.2 without
+    renegotiation: writes held for a renegotiation stay Python's)."""
     assert _c_relay is not None
-    loop = asyncio.get_running_loop()
-    sides = (carrier, fleet)
-    if _UNLINKED or any(s.conn._renegotiating is not None or not s.ssl_ptr for s in sides):
+    if _UNLINKED or src.conn in _RELAYS:
         return
-    for src, dst in (sides, sides[::-1]):
-        conn = src.conn
-        relay = _c_relay.Relay(
-            conn, dst.conn, src.ssl_ptr, dst.ssl_ptr, conn._on_readable,
-            _relay_read_end, _relay_write_failed, loop.call_soon,
-        )  # fmt: skip
-        _RELAYS[conn] = relay
-        if conn._reader_on:
-            conn._register(loop.add_reader, loop.remove_reader, conn._on_readable)
+    if any(s.conn._renegotiating is not None or not s.ssl_ptr for s in (src, dst)):
+        return
+    conn = src.conn
+    loop = conn.loop
+    _RELAYS[conn] = _c_relay.Relay(
+        conn, dst.conn, src.ssl_ptr, dst.ssl_ptr, conn._on_readable,
+        _relay_read_end, _relay_write_failed, loop.call_soon,
+    )  # fmt: skip
+    if conn._reader_on:
+        conn._register(loop.add_reader, loop.remove_reader, conn._on_readable)
 
 
 def _relay_read_end(conn: TLSConnection, kind: str, reason: str | None) -> None:
