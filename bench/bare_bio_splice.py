@@ -17,7 +17,12 @@ It serves until SIGTERM or SIGINT.
 With no variant on, every read and write is ``TLSConnection``'s own, as on
 the ingress's hot path: the C object's ``read`` and ``write``
 (``SSLSocket._sslobj``; the public ``recv_into`` / ``send`` wrappers add
-checks and Python frames per call).
+checks and Python frames per call). Once both sides are linked each
+connection is told so (``TLSConnection.linked``), as the ingress tells its
+calls': its read events then take the hot path. Until session 45 this floor
+never did, and every read event took the set-up detour (``_read_event``, then a
+look at TCP: one getsockopt a relayed message, strace); ``BARE_BIO_UNLINKED=1``
+runs it that way again, to read figures taken before.
 
 Bench variants, to see where the CPU per relayed message goes (environment,
 all off by default; ``--variant NAME:KEY=1 --targets bare-bio@NAME``). They
@@ -42,6 +47,20 @@ fails, as ``TLSConnection._read`` does:
   resumption saves a call's set-up (churn). With ``BARE_BIO_REUSE_KEEP=1``
   too, a fleet's first session is kept for good and offered by every later
   connection, none taken after it.
+- ``BARE_BIO_C_RELAY=1``: the record relay out of the interpreter (implies
+  ``BARE_BIO_READ_AHEAD=1``). Once a call is linked (``TLSConnection.linked``,
+  as the ingress links its calls), each side's reader is a ``Relay`` of
+  bench/c_relay/relay.c, a C type the loop calls directly: on a readable event
+  it runs ``SSL_read_ex`` -> the peer's ``SSL_write_ex`` on the two connections'
+  own ``SSL*`` (read from CPython's private ``PySSLSocket``, checked against
+  OpenSSL as read-ahead's are) while ``SSL_has_pending`` says OpenSSL holds
+  more, with no Python frame. Python is called only for what is not the hot
+  path: a connection paused, closing or with a write waiting (its own
+  ``_on_readable``), a read that ends or fails or wants a write (as
+  ``TLSConnection._read`` handles it), a write that does not finish (the peer's
+  write buffer, flow control) or fails. Built on demand
+  (bench/c_relay/build.py: the host's cc, this Python's headers, the libssl
+  ``_ssl`` uses); the splice exits saying why when it cannot be built.
 - ``BARE_BIO_INGRESS_TLS=1``: both sides' TLS contexts made by the ingress's own
   ``net.tls`` (``server_ssl_context``, ``fleet_ssl_context``): the same ciphers,
   groups and session tickets as a call of the ingress, so that the floor's TLS
@@ -53,13 +72,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import importlib.util
 import itertools
 import os
 import signal
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import uvloop
 
@@ -90,6 +112,11 @@ class Side:
         return False  # close ours; connection_lost closes the peer
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if _RELAYS:
+            relay = _RELAYS.pop(self.conn, None)
+            if relay is not None:
+                _RELAYED[0] += relay.records  # type: ignore[attr-defined]
+                _RELAYED[1] += relay.handed_back  # type: ignore[attr-defined]
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
@@ -162,6 +189,13 @@ class CarrierSide(Side):
         _read_held(fleet)
         fleet_conn.write(bytes(self._early))
         self._early = bytearray()
+        if not _UNLINKED:
+            # Off the set-up detour (a look at TCP after every read event, a
+            # getsockopt a message), as the ingress's calls are once linked.
+            self.conn.linked()
+            fleet_conn.linked()
+        if _c_relay is not None:
+            _relay_linked(self, fleet)
 
 
 # -- bench variants (see the module docstring) ---------------------------------
@@ -198,22 +232,32 @@ class FleetSide(Side):
         super().__init__(conn)
         self._key: Address | None = key
 
+    def takes_session(self) -> bool:
+        """Its session is still to be taken, at its first bytes."""
+        return self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS)
+
     def data_received(self, data: memoryview) -> None:
-        if self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS):
+        if self.takes_session():
             calls = tls_socket.session_calls()
             ssl_pointer = self.conn._ssl
             if calls is not None and ssl_pointer is not None:
                 pointer = calls.get1_session(ssl_pointer)
                 if pointer:
-                    _SESSIONS[self._key] = _HeldSession(pointer)
+                    _SESSIONS[self._key] = _HeldSession(pointer)  # type: ignore[index]
             self._key = None
+            if _c_relay is not None and self.peer is not None:
+                _relay_side(self, self.peer)  # its session taken: C from now on
         super().data_received(data)
 
 
+_C_RELAY = os.environ.get("BARE_BIO_C_RELAY") == "1"
+# BARE_BIO_UNLINKED=1: the connections never told their call is linked, as this
+# floor was until session 45 (see the module docstring).
+_UNLINKED = os.environ.get("BARE_BIO_UNLINKED") == "1"
 _VARIANT = {
     "fused": os.environ.get("BARE_BIO_FUSED") == "1",
     "drain": os.environ.get("BARE_BIO_DRAIN") == "1",
-    "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1",
+    "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1" or _C_RELAY,
 }
 # Not a replaced method, unlike the above: the fleet connection offers a session.
 _REUSE = os.environ.get("BARE_BIO_REUSE") == "1"
@@ -359,7 +403,111 @@ def _resume_read_ahead(self: TLSConnection) -> None:
         _read_held(self._handler)
 
 
+# BARE_BIO_C_RELAY=1: bench/c_relay/relay.c's module, and each linked
+# connection's Relay (its reader while it is registered).
+_c_relay: ModuleType | None = None
+_RELAYS: dict[TLSConnection, object] = {}
+# Records relayed in C and events handed to Python, of the relays of closed
+# connections, and the C writes that did not finish: said on stderr at the stop.
+_RELAYED = [0, 0, 0]
+
+
+def _load_c_relay() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "c_relay_build", Path(__file__).resolve().parent / "c_relay" / "build.py"
+    )
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        module = build.load()
+    except build.CannotBuild as exc:
+        raise SystemExit(f"BARE_BIO_C_RELAY: {exc}") from None
+    module.setup(TLSConnection, _OPEN)
+    return module
+
+
+def _relay_linked(carrier: Side, fleet: Side) -> None:
+    """Both sides linked: each one's reader becomes a C Relay to the other; a
+    fleet's whose session is still to be taken (BARE_BIO_REUSE) once it is,
+    at its first bytes (`FleetSide.data_received`)."""
+    _relay_side(carrier, fleet)
+    if not (isinstance(fleet, FleetSide) and fleet.takes_session()):
+        _relay_side(fleet, carrier)
+
+
+def _relay_side(src: Side, dst: Side) -> None:
+    """`src`'s reader becomes a C Relay to `dst` (on TLS 1.3, or 1.2 without
+    renegotiation: writes held for a renegotiation stay Python's)."""
+    assert _c_relay is not None
+    if _UNLINKED or src.conn in _RELAYS:
+        return
+    if any(s.conn._renegotiating is not None or not s.ssl_ptr for s in (src, dst)):
+        return
+    conn = src.conn
+    loop = conn.loop
+    _RELAYS[conn] = _c_relay.Relay(
+        conn, dst.conn, src.ssl_ptr, dst.ssl_ptr, conn._on_readable,
+        _relay_read_end, _relay_write_failed, loop.call_soon,
+    )  # fmt: skip
+    if conn._reader_on:
+        conn._register(loop.add_reader, loop.remove_reader, conn._on_readable)
+
+
+def _relay_read_end(conn: TLSConnection, kind: str, reason: str | None) -> None:
+    """The C relay's read did not read a record: as ``TLSConnection._read`` handles it."""
+    if kind == "want_write":
+        conn._want_write_for_read = True
+        conn._sync_io()
+    elif kind == "zero":  # the peer's close_notify
+        conn._peer_ended(clean=True)
+    elif kind == "eof":  # a TCP FIN without close_notify
+        conn._peer_ended(clean=False)
+    elif kind == "socket":
+        conn._finish(tls_socket._socket_failure(conn._sock))
+    else:
+        conn._finish(ssl.SSLError(1, f"[SSL: {reason}] (the C relay's read)"))
+
+
+def _relay_write_failed(conn: TLSConnection, kind: str, reason: str | None, data: bytes) -> None:
+    """The C relay's write to `conn` did not finish: as ``TLSConnection.write`` handles it."""
+    _RELAYED[2] += 1
+    if kind == "want_write":
+        conn._partial = True
+    elif kind == "want_read":
+        conn._want_read_for_write = conn._detour = True
+    elif kind == "socket":
+        conn._finish(tls_socket._socket_failure(conn._sock) or ConnectionResetError())
+        return
+    else:
+        conn._finish(ssl.SSLError(1, f"[SSL: {reason}] (the C relay's write)"))
+        return
+    conn._out = data  # records may be on the wire: the retry passes the same bytes
+    conn._sync_io()
+    conn._buffered()
+
+
+_register_public = TLSConnection._register
+
+
+def _register_relay(
+    self: TLSConnection,
+    add: Callable[[int, Callable[[], None]], object],
+    remove: Callable[[int], object],
+    callback: Callable[[], None],
+) -> None:
+    """``TLSConnection._register``, with a linked connection's Relay for its reader."""
+    relay = _RELAYS.get(self)
+    if relay is not None and callback == self._on_readable:
+        callback = relay  # type: ignore[assignment]
+    _register_public(self, add, remove, callback)
+
+
 def _install_variants(*contexts: ssl.SSLContext) -> None:
+    global _c_relay
+    if _C_RELAY:
+        _c_relay = _load_c_relay()
+        TLSConnection._register = _register_relay  # type: ignore[method-assign]
     if _VARIANT["read_ahead"]:
         for ctx in contexts:
             _set_read_ahead(ctx)
@@ -398,6 +546,13 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
         await stop.wait()
     finally:
         acceptor.close()
+        if _c_relay is not None:
+            print(
+                f"BARE_BIO_C_RELAY: {_RELAYED[0]} records relayed in C, {_RELAYED[1]} "
+                f"events or failures handed to Python (connections closed), {_RELAYED[2]} "
+                "C writes unfinished (the peer's buffer)",
+                file=sys.stderr,
+            )
 
 
 def _address(text: str) -> Address:

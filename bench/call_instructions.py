@@ -97,13 +97,23 @@ def warm_then_push(
     return time.monotonic() - t0
 
 
-def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
-    """One run under callgrind with ``calls`` counted calls; the callgrind file."""
-    work = fresh_dir(out / f"n{calls}")
+def count(
+    calls: int,
+    out: Path,
+    args: argparse.Namespace,
+    *,
+    run: str | None = None,
+    target_env: dict[str, str] | None = None,
+) -> Path:
+    """One run under callgrind with ``calls`` counted calls; the callgrind file.
+    ``run``: its directory's name under `out` (default ``nCALLS``); ``target_env``:
+    more environment for the counted process (a bench variant's switches)."""
+    work = fresh_dir(out / (run or f"n{calls}"))
     tls = TLSFiles.write(work)
     env = variant_env(args.variant_pythonpath)
     if args.target == "bare-bio":
         env["BARE_BIO_REUSE"] = "1"  # fleet TLS sessions resumed, as the ingress does
+    env.update(target_env or {})
     with Launched(work, env) as launched:
         fleet_port = launched.fleet("fleet-a")
         port = free_port()

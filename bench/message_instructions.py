@@ -1,0 +1,152 @@
+"""Instructions (callgrind) and system calls (strace) a relayed message, counted, not timed.
+
+The per-call counter's load (bench/call_instructions.py: a simulated fleet in
+its own process, not counted; TLS both sides; twilio-like frames, each sent
+after the last one's echo), held at N calls up at once (``--calls``, one wave),
+run twice per target with M1 and M2 frames a call (``--messages``); the
+difference over the frames between them is what a relayed message costs,
+the handshakes, start and shutdown cancelling out. A frame and its echo are
+two relayed messages; the warm-up calls (call_instructions.WARMUP, one at a
+time, before the counted ones) carry the same frames and are counted with
+them. Only the proxy process is counted; the kernel's side of its system calls
+is not (callgrind counts user space). Targets::
+
+    haproxy            Debian's haproxy -db, the config the side-by-side runs render
+    ingress1p          bench/one_process_ingress.py (the worker's Ingress, no supervisor)
+    bare-bio           bench/bare_bio_splice.py (BARE_BIO_REUSE=1, as call_instructions)
+    bare-bio@unlinked  ... BARE_BIO_UNLINKED=1 (the floor as it was before session 45)
+    bare-bio@fused     ... BARE_BIO_FUSED=1
+    bare-bio@readahead ... BARE_BIO_FUSED=1 BARE_BIO_READ_AHEAD=1
+    bare-bio@crelay    ... BARE_BIO_C_RELAY=1 (bench/c_relay, built first)
+
+    python -m bench.message_instructions --out /tmp/mi            # every target
+    python -m bench.message_instructions --targets bare-bio@crelay,haproxy --out /tmp/mi
+    python -m bench.message_instructions --counter strace --out /tmp/ms
+
+Prints a table: per message, all instructions, then by shared object (each
+one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
+the C relay, haproxy, the rest: ``???``, ``_ssl``, ``_ctypes``, libffi), or the
+system calls by name; the JSON file in ``--out`` has every shared object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from bench.call_instructions import WARMUP, count, syscalls, totals
+
+TARGETS: dict[str, tuple[str, dict[str, str]]] = {
+    "haproxy": ("haproxy", {}),
+    "ingress1p": ("ingress", {}),
+    "bare-bio": ("bare-bio", {}),
+    "bare-bio@unlinked": ("bare-bio", {"BARE_BIO_UNLINKED": "1"}),
+    "bare-bio@fused": ("bare-bio", {"BARE_BIO_FUSED": "1"}),
+    "bare-bio@readahead": ("bare-bio", {"BARE_BIO_FUSED": "1", "BARE_BIO_READ_AHEAD": "1"}),
+    "bare-bio@crelay": ("bare-bio", {"BARE_BIO_C_RELAY": "1"}),
+}
+# Shared objects by group, as callgrind names them (its file name's start).
+GROUPS = (
+    # cryptography's bundled copy too: callgrind names some of the system
+    # libcrypto's instructions after it (call_instructions.OPENSSL_OBJECTS).
+    ("OpenSSL", ("libssl.so", "libcrypto.so", "_rust.abi3.so")),
+    ("libpython", ("libpython", "python3")),
+    ("uvloop", ("loop.cpython",)),
+    ("libc", ("libc.so", "ld-linux")),
+    ("C relay", ("_c_relay",)),
+    ("haproxy", ("haproxy",)),
+)
+
+
+def group(shared_object: str) -> str:
+    for name, starts in GROUPS:
+        if shared_object.startswith(starts):
+            return name
+    return "other"
+
+
+def per_message_instructions(files: list[Path], messages: int) -> dict[str, float]:
+    """Instructions a message in all and by group of shared objects, from the two runs."""
+    a, b = (totals(f) for f in files)
+    out: dict[str, float] = {"total": (b["PROGRAM TOTALS"] - a["PROGRAM TOTALS"]) / messages}
+    by_object: dict[str, float] = {}
+    for key in set(a) | set(b):
+        if key.startswith("self in ["):
+            name = key[len("self in [") : -1]
+            by_object[name] = (b.get(key, 0) - a.get(key, 0)) / messages
+    for name, v in by_object.items():
+        out[group(name)] = out.get(group(name), 0.0) + v
+    out["objects"] = {k: v for k, v in by_object.items() if abs(v) >= 1}  # type: ignore[assignment]
+    return out
+
+
+def per_message_syscalls(files: list[Path], messages: int) -> dict[str, float]:
+    a, b = (syscalls(f) for f in files)
+    return {k: (b.get(k, 0) - a.get(k, 0)) / messages for k in set(a) | set(b)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"of {', '.join(TARGETS)}")
+    p.add_argument(
+        "--calls",
+        type=int,
+        default=20,
+        help="calls held up at once (40 under callgrind went past bare_bio_splice's 3 s fleet "
+        "connect now and then: 'closed before 101')",
+    )
+    p.add_argument("--messages", type=int, nargs=2, default=[10, 60], metavar=("M1", "M2"))
+    p.add_argument("--counter", choices=("callgrind", "strace"), default="callgrind")
+    p.add_argument("--max-seconds", type=float, default=900.0, help="bound of one run")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    targets = args.targets.split(",")
+    if unknown := [t for t in targets if t not in TARGETS]:
+        p.error(f"unknown targets {unknown}: of {', '.join(TARGETS)}")
+    if "bare-bio@crelay" in targets:
+        # bench/c_relay/build.py: built now, not under the counter.
+        build = runpy.run_path(str(Path(__file__).resolve().parent / "c_relay" / "build.py"))
+        print(f"C relay: {build['build']()}")
+    m1, m2 = args.messages
+    relayed = (args.calls + WARMUP) * (m2 - m1) * 2
+    results: dict[str, dict[str, float]] = {}
+    for name in targets:
+        base, env = TARGETS[name]
+        run_args = argparse.Namespace(
+            target=base, counter=args.counter, variant_pythonpath=None, wave=args.calls,
+            max_seconds=args.max_seconds, access=None,
+        )  # fmt: skip
+        files = []
+        for m in (m1, m2):
+            run_args.messages = m
+            files.append(count(args.calls, args.out / name, run_args, run=f"m{m}", target_env=env))
+        if args.counter == "strace":
+            results[name] = per_message_syscalls(files, relayed)
+        else:
+            results[name] = per_message_instructions(files, relayed)
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'objects'})}")
+        # After each target: a later one that fails leaves the earlier ones' counts.
+        (args.out / f"per_message_{args.counter}.json").write_text(json.dumps(results, indent=1))
+    print(f"\nper relayed message ({relayed} messages between the runs), {args.counter}:")
+    if args.counter == "strace":
+        names = sorted({k for r in results.values() for k in r if k != "total"})
+        names = [n for n in names if any(abs(r.get(n, 0)) >= 0.01 for r in results.values())]
+        print("| target | total | " + " | ".join(names) + " |")
+        for t, r in results.items():
+            cells = " | ".join(f"{r.get(n, 0):.2f}" for n in names)
+            print(f"| {t} | {r['total']:.2f} | {cells} |")
+    else:
+        cols = ["total", *(g for g, _ in GROUPS), "other"]
+        print("| target | " + " | ".join(cols) + " |")
+        for t, r in results.items():
+            print(f"| {t} | " + " | ".join(f"{r.get(c, 0):,.0f}" for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
