@@ -42,15 +42,78 @@ def test_a_record_reads_back_as_written_then_granted_answered_and_ended() -> Non
 
 def test_text_is_bounded_by_bytes_cut_at_a_character_and_null_kept_null() -> None:
     buf = _table()
-    call = {**CALL, "bot_id": "é" * 600, "client_ip": None, "route": 3.5}
+    call = {**CALL, "bot_id": "€" * 600, "client_ip": None, "route": 3.5}
     t.write_live(buf, 0, 1, call, "f" * 300)
     ((_, read),) = t.read_table(buf).values()
-    assert read["bot_id"] == "é" * 512  # 1024 bytes: 256 characters kept whole
+    assert read["bot_id"] == "€" * 85  # not Latin-1: UTF-8, 3 bytes a character, cut whole
     assert read["client_ip"] is None and read["route"] is None  # not text: null
-    assert read["fleet"] == "f" * 128
+    assert read["fleet"] == "f" * 260
+    t.write_live(buf, 0, 1, {**CALL, "bot_id": "a\ud800b"}, None)  # a lone surrogate
+    ((_, read),) = t.read_table(buf).values()
+    assert read["bot_id"] == "a?b"
 
 
-@pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 2015])
+def test_a_lost_line_from_a_record_reads_as_the_workers_own_would() -> None:
+    """The route and bot id are the request path decoded as Latin-1
+    (`core.call_machine`): 256 of any of its characters (one a byte, two in
+    UTF-8) fit a record whole, as many as a lost line keeps
+    (`lost_calls._MAX_TEXT`); and a fleet name as long as one can be
+    (`fleets_file.MAX_NAME`), which a lost line does not cut. In session 44's
+    2 KiB records (UTF-8), a path's "é" took two bytes: a route of 300 cut at
+    256 there, a fleet name at 128."""
+    from fleet_ingress.config.fleets_file import MAX_NAME
+    from fleet_ingress.core import lost_calls
+    from fleet_ingress.core.lost_calls import lost_call_record
+
+    assert t.RECORD_SIZE <= 1024
+    path = bytes(range(0x20, 0x100)).decode("latin-1")  # every printable byte a path may hold
+    route = "/" + ("é" * 298) + "/"  # a call prefix the configuration names
+    fleet = "f" * (MAX_NAME - 4) + ":443"
+    call = {**CALL, "route": route, "bot_id": path + path[:100], "call": "4194304-9" * 7}
+    buf = _table()
+    t.write_live(buf, 3, 7, call, None)
+    t.write_fleet(buf, 3, fleet)
+    ((_, read),) = t.read_table(buf).values()
+    kwargs = {"worker_pid": 1, "generation": 1, "exit_status": "killed", "now": 1.9e9}
+    line = lost_call_record(read, **kwargs)
+    assert line == lost_call_record({**call, "fleet": fleet}, **kwargs)
+    assert len(line["route"]) == len(line["bot_id"]) == lost_calls._MAX_TEXT
+    assert line["fleet"] == fleet
+
+
+@pytest.mark.parametrize("written", ["this release's", "session 44's"])
+def test_a_supervisor_reads_tables_of_1_and_2_kib_records(written: str) -> None:
+    """Over an upgrade the previous image's workers wrote 2 KiB records
+    (their tables carried over the exec, `call_table_fd`) and the new
+    image's write 1 KiB: the header says which, and both read. The 2 KiB
+    table is bytes main's code wrote (`tests.unit.call_table_2k`)."""
+    from tests.unit.call_table_2k import CALL as CALL_2K
+    from tests.unit.call_table_2k import HOLDS, TABLE_2K
+
+    if written == "session 44's":
+        buf = bytearray(TABLE_2K)
+    else:
+        buf = _table()
+        t.write_live(buf, 0, 9, CALL_2K, None)
+        t.write_fleet(buf, 0, "fleet-a")
+        t.write_answered(buf, 0, 1240.0)
+        waiting = {**CALL_2K, "call_id": 18, "client_ip": None, "bot_id": "waiting"}
+        t.write_live(buf, 1, 10, waiting, None)
+        t.write_live(buf, 2, 11, {**CALL_2K, "call_id": 19, "bot_id": "logged"}, "fleet-b")
+        t.write_ended(buf, 2)
+        assert len(buf) == t.HEADER_SIZE + 4 * 1024
+    holds = HOLDS
+    if written == "this release's":  # as `Call.identity` cuts it (LOGGED_BOT_ID)
+        holds = {**HOLDS, 9: (1, {**HOLDS[9][1], "bot_id": CALL_2K["bot_id"][:256]})}
+    assert t.read_table(buf) == holds
+    # The first page written alone: records 0-1 of 2 KiB, 0-3 of 1 KiB.
+    size = 2048 if written == "session 44's" else 1024
+    indices = list(t.records_written(4, [(0, 4096)], size))
+    assert indices == ([0, 1] if size == 2048 else [0, 1, 2, 3])
+    assert t.read_table(buf, indices) == {n: holds[n] for n in (9, 10, 11)[: len(indices)]}
+
+
+@pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 1019])
 def test_a_record_rewritten_half_when_the_worker_died_reads_absent_never_mixed(cut: int) -> None:
     """A record of an ended call rewritten for another: the worker killed
     after the state's FREE and part of the body (any prefix or suffix of its
@@ -89,8 +152,13 @@ def test_a_header_not_this_layouts_is_refused_naming_why() -> None:
     with pytest.raises(ValueError, match="not b'FICALLT1'"):
         t.read_table(b"\0" * t.table_size(1))
     buf = _table(4)
-    with pytest.raises(ValueError, match="4 records need"):
+    with pytest.raises(ValueError, match="4 records of 1024 need"):
         t.read_table(buf[:-1])
+    buf[8:12] = (4096).to_bytes(4, "little")  # a newer release's records, say
+    with pytest.raises(
+        ValueError, match="records of 4096 bytes: this release reads records of 1024 or 2048"
+    ):
+        t.read_table(buf)
 
 
 def test_slots_reuse_the_last_freed_first_and_run_out() -> None:
@@ -157,14 +225,15 @@ def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() 
 def test_the_records_read_are_those_whose_state_byte_lies_in_written_data() -> None:
     """A hole reads as zeros (FREE): only records starting inside the extents
     are looked at, each once, in order, none past the table."""
-    assert list(t.records_written(8, [(0, 4096)])) == [0, 1]
-    assert list(t.records_written(8, [(8192, 12288)])) == [4, 5]
-    assert list(t.records_written(8, [(0, 4096), (4096, 8192)])) == [0, 1, 2, 3]
+    assert list(t.records_written(8, [(0, 4096)])) == [0, 1, 2, 3]
+    assert list(t.records_written(16, [(8192, 12288)])) == [8, 9, 10, 11]
+    assert list(t.records_written(9, [(0, 4096), (4096, 8192)])) == list(range(8))
     assert list(t.records_written(3, [(0, 1 << 20)])) == [0, 1, 2]
     assert list(t.records_written(8, [])) == []
-    buf = _table(8)
-    t.write_live(buf, 5, 9, CALL, "a")
-    assert t.read_table(buf, [4, 5]) == t.read_table(buf)
+    assert list(t.records_written(8, [(8192, 12288)], 2048)) == [4, 5]
+    buf = _table(16)
+    t.write_live(buf, 9, 9, CALL, "a")
+    assert t.read_table(buf, [8, 9]) == t.read_table(buf)
     assert t.read_table(buf, [0, 1]) == {}
 
 
