@@ -85,8 +85,12 @@ def test_a_lost_line_from_a_record_reads_as_the_workers_own_would() -> None:
 def test_a_supervisor_reads_tables_of_1_and_2_kib_records(written: str) -> None:
     """Over an upgrade the previous image's workers wrote 2 KiB records
     (their tables carried over the exec, `call_table_fd`) and the new
-    image's write 1 KiB: the header says which, and both read. The 2 KiB
-    table is bytes main's code wrote (`tests.unit.call_table_2k`)."""
+    image's write 1 KiB: the header says which, and both read, as bytes and
+    from a memfd (`read_table_fd`). The 2 KiB table is bytes main's code
+    wrote (`tests.unit.call_table_2k`)."""
+    import os
+
+    from fleet_ingress.net.call_table_map import read_table_fd
     from tests.unit.call_table_2k import CALL as CALL_2K
     from tests.unit.call_table_2k import HOLDS, TABLE_2K
 
@@ -111,6 +115,11 @@ def test_a_supervisor_reads_tables_of_1_and_2_kib_records(written: str) -> None:
     indices = list(t.records_written(4, [(0, 4096)], size))
     assert indices == ([0, 1] if size == 2048 else [0, 1, 2, 3])
     assert t.read_table(buf, indices) == {n: holds[n] for n in (9, 10, 11)[: len(indices)]}
+    fd = _memfd_holding(bytes(buf))  # as a dead worker's is read: its written pages alone
+    try:
+        assert read_table_fd(fd) == holds
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 1019])
@@ -260,3 +269,57 @@ def test_reading_a_dead_workers_table_allocates_none_of_its_unwritten_pages() ->
         assert os.fstat(fd).st_blocks == written, "reading it allocated its holes"
     finally:
         os.close(fd)
+
+
+def _memfd_holding(data: bytes) -> int:
+    """A memfd named as a call table is (`make_table`), holding `data` where
+    it is not zeros (its holes left holes, as a worker leaves them)."""
+    import os
+
+    from fleet_ingress.net.call_table_map import TABLE_NAME
+
+    fd = os.memfd_create(TABLE_NAME, os.MFD_CLOEXEC)
+    os.ftruncate(fd, len(data))
+    for at in range(0, len(data), 4096):
+        if any(data[at : at + 4096]):
+            os.pwrite(fd, data[at : at + 4096], at)
+    return fd
+
+
+def test_a_carried_table_not_readable_is_closed_a_readable_one_kept_uninherited() -> None:
+    """`taken_over`, the new image's side of an exec: a table of a layout it
+    reads (2 KiB or 1 KiB records) is kept, no longer inheritable; a memfd
+    named a table that it cannot read (a newer release's records, a header
+    not a table's) is closed, where it stayed open for good before, read by
+    nothing; a number that is no table (no fd, a socket) is left alone."""
+    import os
+    import socket
+
+    from fleet_ingress.net.call_table_map import make_table, taken_over
+    from tests.unit.call_table_2k import TABLE_2K
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    kept = [_memfd_holding(TABLE_2K), make_table(count=2)]
+    newer = bytearray(_table(2))
+    newer[8:12] = (512).to_bytes(4, "little")
+    unread = [_memfd_holding(bytes(newer)), _memfd_holding(b"\0" * 8192)]
+    sock = socket.socket()
+    try:
+        for fd in (*kept, *unread):
+            os.set_inheritable(fd, True)  # as the exec carried it
+        assert [taken_over(fd) for fd in kept] == kept
+        assert not any(os.get_inheritable(fd) for fd in kept)
+        assert [taken_over(fd) for fd in unread] == [None, None]
+        assert not any(is_open(fd) for fd in unread)
+        assert taken_over(sock.fileno()) is None and is_open(sock.fileno())
+        assert taken_over(None) is None and taken_over(-1) is None
+    finally:
+        sock.close()
+        for fd in kept + [fd for fd in unread if is_open(fd)]:
+            os.close(fd)
