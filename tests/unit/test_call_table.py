@@ -323,3 +323,25 @@ def test_a_carried_table_not_readable_is_closed_a_readable_one_kept_uninherited(
         sock.close()
         for fd in kept + [fd for fd in unread if is_open(fd)]:
             os.close(fd)
+
+
+def test_an_exec_hands_over_the_tables_the_installed_code_reads_alone() -> None:
+    """`handed_over`: by the record sizes the installed code's trial said it
+    reads; a table of any other size (a downgrade to session 44's release,
+    which reads 2 KiB records; to one before the tables, none) stays
+    close-on-exec, closed by the exec, not left open for good. Not said
+    (None): every table, as before. Real memfds."""
+    import os
+
+    from fleet_ingress.net.call_table_map import handed_over, make_table
+    from tests.unit.call_table_2k import TABLE_2K
+
+    new, old = make_table(count=2), _memfd_holding(TABLE_2K)
+    try:
+        assert [handed_over(fd, frozenset({1024, 2048})) for fd in (new, old)] == [True, True]
+        assert [handed_over(fd, frozenset({2048})) for fd in (new, old)] == [False, True]
+        assert [handed_over(fd, frozenset()) for fd in (new, old)] == [False, False]
+        assert [handed_over(fd, None) for fd in (new, old)] == [True, True]
+    finally:
+        os.close(new)
+        os.close(old)

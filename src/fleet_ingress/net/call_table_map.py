@@ -63,6 +63,23 @@ def taken_over(fd: Any) -> int | None:
     return fd
 
 
+def handed_over(fd: int, reads: frozenset[int] | None) -> bool:
+    """Whether table `fd` goes over an upgrade's exec to code that reads
+    tables of the record sizes `reads` (as its trial run said them; None:
+    not said, as before the trial said them: every table goes). One it
+    cannot read stays close-on-exec: the exec closes it."""
+    if reads is None:
+        return True
+    try:
+        head = os.pread(fd, call_table.HEADER_SIZE, 0)
+    except OSError:
+        return False
+    if len(head) < call_table.HEADER_SIZE:
+        return False
+    magic, size, _ = call_table.HEADER.unpack_from(head)
+    return magic == call_table.MAGIC and size in reads
+
+
 def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
     """The byte ranges of `fd` that hold data ([start, end), by SEEK_DATA and
     SEEK_HOLE): the rest is holes, never written. None when the file system
