@@ -151,10 +151,13 @@ def read_header(data: bytes | memoryview) -> tuple[int, Layout]:
 
 def _text(value: Any, most: int) -> tuple[int, bytes]:
     if type(value) is str:
-        try:
-            data = value.encode("latin-1")
-        except UnicodeEncodeError:
-            return _utf8(value, most)
+        if value.isascii():  # most text: str.encode's fast path, no codec named
+            data = value.encode()
+        else:
+            try:
+                data = value.encode("latin-1")
+            except UnicodeEncodeError:
+                return _utf8(value, most)
         return (len(data), data) if len(data) <= most else (most, data[:most])
     if type(value) is int:  # a call's id: a number, kept one
         data = str(value).encode()
