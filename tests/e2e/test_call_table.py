@@ -170,7 +170,8 @@ async def test_an_old_workers_table_outlives_the_exec_and_names_its_calls_when_i
     """An upgrade re-executes the supervisor: the tables of the workers it
     started go over the exec (named in the state carried), so one of the old
     generation killed after it gets one line per call it held, read from its
-    table. Before, the new image had none of them (one memfd: its new worker's)."""
+    table. Before, the new image had none of them (one memfd: its new worker's).
+    The old worker's table is read when it dies ("worker's call table read")."""
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
@@ -197,6 +198,17 @@ async def test_an_old_workers_table_outlives_the_exec_and_names_its_calls_when_i
         lines = _ended_lines(service, "exec-")
         assert Counter(e["bot_id"] for e in lines) == {f"exec-{i}": 1 for i in range(3)}, lines
         assert all(e["worker_pid"] == old["pid"] and e["status"] == 101 for e in lines), lines
+        # Named by its table, not by what the new image heard alone (the same
+        # three lines): the handed-over table was read, its three calls live.
+        read = [
+            (e["records_live"], e["records_ended"])
+            for e in service.log()
+            if str(e.get("event")).startswith("worker's call table read")
+            and e.get("pid") == old["pid"]
+        ]
+        assert read == [(3, 0)], read
+        execed = [e for e in service.log() if str(e.get("event")).startswith("upgrade: re-exec")]
+        assert [(e["call_tables_handed"], e["call_tables_closed"]) for e in execed] == [(1, 0)]
         assert _call_tables(service.proc.pid) == 1  # the dead worker's closed once read
     finally:
         await close_calls(calls)

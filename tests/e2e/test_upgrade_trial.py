@@ -257,3 +257,52 @@ async def test_an_upgrade_refused_for_the_configuration_still_says_a_restart_fai
     said = str(failed.value)
     assert "timeouts.drian" in said and "fail the same way" in said, said
     assert "certificate in use" not in said, said
+
+
+# Releases by commit: main when this was written (session 44's 2 KiB call
+# tables), and the one before the call tables (4e868f6c added them).
+_RELEASES = {"session 44": "e638102c", "before the tables": "4e868f6c^"}
+
+
+def _release_src(tmp_path: Path, commit: str) -> Path | None:
+    """`git archive` of `commit`'s src in `tmp_path`; None without git history."""
+    import subprocess
+
+    repo = Path(fleet_ingress.__file__).resolve().parents[2]
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", commit, "src"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        return None
+    tree = tmp_path / commit.replace("^", "-parent")
+    tree.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree / "src"
+
+
+@pytest.mark.parametrize("installed", ["this", "session 44", "before the tables"])
+async def test_the_trial_says_which_call_tables_the_installed_code_reads(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: str
+) -> None:
+    """An exec hands over only the workers' call tables the installed code
+    reads (`net.call_table_map.handed_over`): the trial says their record
+    sizes. A release before the tables (a downgrade) says none: handed over
+    anyway, it kept them open and inheritable for good, read by nothing.
+    The older releases are `git archive`s of their commits, run as the
+    installed code (PYTHONPATH)."""
+    (tmp_path / "home").mkdir()
+    await write_run_home(tls_files, tmp_path / "home", ["https://127.0.0.1:9 name=a"])
+    if installed != "this":
+        src = await asyncio.to_thread(_release_src, tmp_path, _RELEASES[installed])
+        if src is None:
+            pytest.skip("no git history here to archive an older release from")
+        monkeypatch.setenv("PYTHONPATH", str(src))
+    passed = await upgrade.trial_run(tmp_path / "home" / "ingress.toml", timeout=60)
+    assert (
+        passed.table_sizes
+        == {
+            "this": {1024, 2048},
+            "session 44": {2048},
+            "before the tables": set(),
+        }[installed]
+    )

@@ -42,15 +42,87 @@ def test_a_record_reads_back_as_written_then_granted_answered_and_ended() -> Non
 
 def test_text_is_bounded_by_bytes_cut_at_a_character_and_null_kept_null() -> None:
     buf = _table()
-    call = {**CALL, "bot_id": "é" * 600, "client_ip": None, "route": 3.5}
+    call = {**CALL, "bot_id": "€" * 600, "client_ip": None, "route": 3.5}
     t.write_live(buf, 0, 1, call, "f" * 300)
     ((_, read),) = t.read_table(buf).values()
-    assert read["bot_id"] == "é" * 512  # 1024 bytes: 256 characters kept whole
+    assert read["bot_id"] == "€" * 85  # not Latin-1: UTF-8, 3 bytes a character, cut whole
     assert read["client_ip"] is None and read["route"] is None  # not text: null
-    assert read["fleet"] == "f" * 128
+    assert read["fleet"] == "f" * 260
+    t.write_live(buf, 0, 1, {**CALL, "bot_id": "a\ud800b"}, None)  # a lone surrogate
+    ((_, read),) = t.read_table(buf).values()
+    assert read["bot_id"] == "a?b"
 
 
-@pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 2015])
+def test_a_lost_line_from_a_record_reads_as_the_workers_own_would() -> None:
+    """The route and bot id are the request path decoded as Latin-1
+    (`core.call_machine`): 256 of any of its characters (one a byte, two in
+    UTF-8) fit a record whole, as many as a lost line keeps
+    (`lost_calls._MAX_TEXT`); and a fleet name as long as one can be
+    (`fleets_file.MAX_NAME`), which a lost line does not cut. In session 44's
+    2 KiB records (UTF-8), a path's "é" took two bytes: a route of 300 cut at
+    256 there, a fleet name at 128."""
+    from fleet_ingress.config.fleets_file import MAX_NAME
+    from fleet_ingress.core import lost_calls
+    from fleet_ingress.core.lost_calls import lost_call_record
+
+    assert t.RECORD_SIZE <= 1024
+    path = bytes(range(0x20, 0x100)).decode("latin-1")  # every printable byte a path may hold
+    route = "/" + ("é" * 298) + "/"  # a call prefix the configuration names
+    fleet = "f" * (MAX_NAME - 4) + ":443"
+    call = {**CALL, "route": route, "bot_id": path + path[:100], "call": "4194304-9" * 7}
+    buf = _table()
+    t.write_live(buf, 3, 7, call, None)
+    t.write_fleet(buf, 3, fleet)
+    ((_, read),) = t.read_table(buf).values()
+    kwargs = {"worker_pid": 1, "generation": 1, "exit_status": "killed", "now": 1.9e9}
+    line = lost_call_record(read, **kwargs)
+    assert line == lost_call_record({**call, "fleet": fleet}, **kwargs)
+    assert len(line["route"]) == len(line["bot_id"]) == lost_calls._MAX_TEXT
+    assert line["fleet"] == fleet
+
+
+@pytest.mark.parametrize("written", ["this release's", "session 44's"])
+def test_a_supervisor_reads_tables_of_1_and_2_kib_records(written: str) -> None:
+    """Over an upgrade the previous image's workers wrote 2 KiB records
+    (their tables carried over the exec, `call_table_fd`) and the new
+    image's write 1 KiB: the header says which, and both read, as bytes and
+    from a memfd (`read_table_fd`). The 2 KiB table is bytes main's code
+    wrote (`tests.unit.call_table_2k`)."""
+    import os
+
+    from fleet_ingress.net.call_table_map import read_table_fd
+    from tests.unit.call_table_2k import CALL as CALL_2K
+    from tests.unit.call_table_2k import HOLDS, TABLE_2K
+
+    if written == "session 44's":
+        buf = bytearray(TABLE_2K)
+    else:
+        buf = _table()
+        t.write_live(buf, 0, 9, CALL_2K, None)
+        t.write_fleet(buf, 0, "fleet-a")
+        t.write_answered(buf, 0, 1240.0)
+        waiting = {**CALL_2K, "call_id": 18, "client_ip": None, "bot_id": "waiting"}
+        t.write_live(buf, 1, 10, waiting, None)
+        t.write_live(buf, 2, 11, {**CALL_2K, "call_id": 19, "bot_id": "logged"}, "fleet-b")
+        t.write_ended(buf, 2)
+        assert len(buf) == t.HEADER_SIZE + 4 * 1024
+    holds = HOLDS
+    if written == "this release's":  # as `Call.identity` cuts it (LOGGED_BOT_ID)
+        holds = {**HOLDS, 9: (1, {**HOLDS[9][1], "bot_id": CALL_2K["bot_id"][:256]})}
+    assert t.read_table(buf) == holds
+    # The first page written alone: records 0-1 of 2 KiB, 0-3 of 1 KiB.
+    size = 2048 if written == "session 44's" else 1024
+    indices = list(t.records_written(4, [(0, 4096)], size))
+    assert indices == ([0, 1] if size == 2048 else [0, 1, 2, 3])
+    assert t.read_table(buf, indices) == {n: holds[n] for n in (9, 10, 11)[: len(indices)]}
+    fd = _memfd_holding(bytes(buf))  # as a dead worker's is read: its written pages alone
+    try:
+        assert read_table_fd(fd) == holds
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 8, 40, 64, 500, 1019])
 def test_a_record_rewritten_half_when_the_worker_died_reads_absent_never_mixed(cut: int) -> None:
     """A record of an ended call rewritten for another: the worker killed
     after the state's FREE and part of the body (any prefix or suffix of its
@@ -89,8 +161,13 @@ def test_a_header_not_this_layouts_is_refused_naming_why() -> None:
     with pytest.raises(ValueError, match="not b'FICALLT1'"):
         t.read_table(b"\0" * t.table_size(1))
     buf = _table(4)
-    with pytest.raises(ValueError, match="4 records need"):
+    with pytest.raises(ValueError, match="4 records of 1024 need"):
         t.read_table(buf[:-1])
+    buf[8:12] = (4096).to_bytes(4, "little")  # a newer release's records, say
+    with pytest.raises(
+        ValueError, match="records of 4096 bytes: this release reads records of 1024 or 2048"
+    ):
+        t.read_table(buf)
 
 
 def test_slots_reuse_the_last_freed_first_and_run_out() -> None:
@@ -157,14 +234,15 @@ def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() 
 def test_the_records_read_are_those_whose_state_byte_lies_in_written_data() -> None:
     """A hole reads as zeros (FREE): only records starting inside the extents
     are looked at, each once, in order, none past the table."""
-    assert list(t.records_written(8, [(0, 4096)])) == [0, 1]
-    assert list(t.records_written(8, [(8192, 12288)])) == [4, 5]
-    assert list(t.records_written(8, [(0, 4096), (4096, 8192)])) == [0, 1, 2, 3]
+    assert list(t.records_written(8, [(0, 4096)])) == [0, 1, 2, 3]
+    assert list(t.records_written(16, [(8192, 12288)])) == [8, 9, 10, 11]
+    assert list(t.records_written(9, [(0, 4096), (4096, 8192)])) == list(range(8))
     assert list(t.records_written(3, [(0, 1 << 20)])) == [0, 1, 2]
     assert list(t.records_written(8, [])) == []
-    buf = _table(8)
-    t.write_live(buf, 5, 9, CALL, "a")
-    assert t.read_table(buf, [4, 5]) == t.read_table(buf)
+    assert list(t.records_written(8, [(8192, 12288)], 2048)) == [4, 5]
+    buf = _table(16)
+    t.write_live(buf, 9, 9, CALL, "a")
+    assert t.read_table(buf, [8, 9]) == t.read_table(buf)
     assert t.read_table(buf, [0, 1]) == {}
 
 
@@ -191,3 +269,79 @@ def test_reading_a_dead_workers_table_allocates_none_of_its_unwritten_pages() ->
         assert os.fstat(fd).st_blocks == written, "reading it allocated its holes"
     finally:
         os.close(fd)
+
+
+def _memfd_holding(data: bytes) -> int:
+    """A memfd named as a call table is (`make_table`), holding `data` where
+    it is not zeros (its holes left holes, as a worker leaves them)."""
+    import os
+
+    from fleet_ingress.net.call_table_map import TABLE_NAME
+
+    fd = os.memfd_create(TABLE_NAME, os.MFD_CLOEXEC)
+    os.ftruncate(fd, len(data))
+    for at in range(0, len(data), 4096):
+        if any(data[at : at + 4096]):
+            os.pwrite(fd, data[at : at + 4096], at)
+    return fd
+
+
+def test_a_carried_table_not_readable_is_closed_a_readable_one_kept_uninherited() -> None:
+    """`taken_over`, the new image's side of an exec: a table of a layout it
+    reads (2 KiB or 1 KiB records) is kept, no longer inheritable; a memfd
+    named a table that it cannot read (a newer release's records, a header
+    not a table's) is closed, where it stayed open for good before, read by
+    nothing; a number that is no table (no fd, a socket) is left alone."""
+    import os
+    import socket
+
+    from fleet_ingress.net.call_table_map import make_table, taken_over
+    from tests.unit.call_table_2k import TABLE_2K
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    kept = [_memfd_holding(TABLE_2K), make_table(count=2)]
+    newer = bytearray(_table(2))
+    newer[8:12] = (512).to_bytes(4, "little")
+    unread = [_memfd_holding(bytes(newer)), _memfd_holding(b"\0" * 8192)]
+    sock = socket.socket()
+    try:
+        for fd in (*kept, *unread):
+            os.set_inheritable(fd, True)  # as the exec carried it
+        assert [taken_over(fd) for fd in kept] == kept
+        assert not any(os.get_inheritable(fd) for fd in kept)
+        assert [taken_over(fd) for fd in unread] == [None, None]
+        assert not any(is_open(fd) for fd in unread)
+        assert taken_over(sock.fileno()) is None and is_open(sock.fileno())
+        assert taken_over(None) is None and taken_over(-1) is None
+    finally:
+        sock.close()
+        for fd in kept + [fd for fd in unread if is_open(fd)]:
+            os.close(fd)
+
+
+def test_an_exec_hands_over_the_tables_the_installed_code_reads_alone() -> None:
+    """`handed_over`: by the record sizes the installed code's trial said it
+    reads; a table of any other size (a downgrade to session 44's release,
+    which reads 2 KiB records; to one before the tables, none) stays
+    close-on-exec, closed by the exec, not left open for good. Not said
+    (None): every table, as before. Real memfds."""
+    import os
+
+    from fleet_ingress.net.call_table_map import handed_over, make_table
+    from tests.unit.call_table_2k import TABLE_2K
+
+    new, old = make_table(count=2), _memfd_holding(TABLE_2K)
+    try:
+        assert [handed_over(fd, frozenset({1024, 2048})) for fd in (new, old)] == [True, True]
+        assert [handed_over(fd, frozenset({2048})) for fd in (new, old)] == [False, True]
+        assert [handed_over(fd, frozenset()) for fd in (new, old)] == [False, False]
+        assert [handed_over(fd, None) for fd in (new, old)] == [True, True]
+    finally:
+        os.close(new)
+        os.close(old)

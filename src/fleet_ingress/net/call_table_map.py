@@ -20,12 +20,13 @@ from fleet_ingress.core import call_table
 from fleet_ingress.core.call_table import Slots
 
 CALL_TABLE_ENV = "INGRESS_CALL_TABLE_FD"  # the worker's fd of its table
+TABLE_NAME = "fleet-ingress worker calls"  # its memfd's (/proc/PID/fd: "/memfd:NAME (deleted)")
 
 
 def make_table(count: int = call_table.COUNT) -> int:
     """A new table's fd (close-on-exec: passed on by `pass_fds` or made
     inheritable for an exec), sized and headed, every record FREE."""
-    fd = os.memfd_create("fleet-ingress worker calls", os.MFD_CLOEXEC)
+    fd = os.memfd_create(TABLE_NAME, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, call_table.table_size(count))
         os.pwrite(fd, call_table.header(count), 0)
@@ -38,18 +39,45 @@ def make_table(count: int = call_table.COUNT) -> int:
 def taken_over(fd: Any) -> int | None:
     """`fd` as the state an exec carried says it (`service.upgrade_sequence`):
     the table of a worker of the previous image, now this image's (not
-    inherited by what it starts), or None when it is none (a number from
-    another release, an fd closed): that worker's calls are then those the
-    supervisor hears of."""
+    inherited by what it starts), or None when it is none: that worker's
+    calls are then those the supervisor hears of. An fd the exec carried
+    that is no table this release reads (records of a size it does not
+    know, a memfd not a table) is closed: nothing would read or close it
+    later. A number that names no fd open here (another release's state),
+    or one not a memfd (a socket this image adopted under that number), is
+    left alone."""
     if type(fd) is not int or fd < 0:
         return None
     try:
-        if os.pread(fd, len(call_table.MAGIC), 0) != call_table.MAGIC:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{TABLE_NAME} "):
             return None
-        os.set_inheritable(fd, False)
+        head = os.pread(fd, call_table.HEADER_SIZE, 0)
     except OSError:
         return None
+    try:
+        call_table.layout_of(head)
+        os.set_inheritable(fd, False)
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
     return fd
+
+
+def handed_over(fd: int, reads: frozenset[int] | None) -> bool:
+    """Whether table `fd` goes over an upgrade's exec to code that reads
+    tables of the record sizes `reads` (as its trial run said them; None:
+    not said, as before the trial said them: every table goes). One it
+    cannot read stays close-on-exec: the exec closes it."""
+    if reads is None:
+        return True
+    try:
+        head = os.pread(fd, call_table.HEADER_SIZE, 0)
+    except OSError:
+        return False
+    if len(head) < call_table.HEADER_SIZE:
+        return False
+    magic, size, _ = call_table.HEADER.unpack_from(head)
+    return magic == call_table.MAGIC and size in reads
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
@@ -85,10 +113,11 @@ def read_table_fd(fd: int) -> dict[int, tuple[int, dict[str, Any]]]:
         raise ValueError(f"call table of {size} bytes: shorter than its header")
     extents = data_extents(fd, size)
     with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
-        count = call_table.read_header(mapped)
+        count, layout = call_table.read_header(mapped)
         if extents is None:
             return call_table.read_table(mapped)
-        return call_table.read_table(mapped, call_table.records_written(count, extents))
+        written = call_table.records_written(count, extents, layout.record_size)
+        return call_table.read_table(mapped, written)
 
 
 class CallTableWriter:
@@ -101,7 +130,15 @@ class CallTableWriter:
         size = os.fstat(fd).st_size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._buf = memoryview(self._map)
-        self._slots = Slots(call_table.read_header(self._buf))
+        count, layout = call_table.read_header(self._buf)
+        if layout is not call_table.WRITTEN:  # a supervisor of another release's
+            self._buf.release()
+            self._map.close()
+            raise ValueError(
+                f"call table records of {layout.record_size} bytes: this release writes "
+                f"{call_table.RECORD_SIZE}"
+            )
+        self._slots = Slots(count)
         self._records: dict[int, int] = {}  # lease -> record index
 
     @classmethod

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleet_ingress.config.check_report import WARNING, shortened
 from fleet_ingress.config.settings import (
@@ -117,6 +117,16 @@ if not hasattr(slot_wire, "UnknownOps"):
 for module in pkgutil.walk_packages(fleet_ingress.__path__, "fleet_ingress."):
     if module.name != "fleet_ingress.__main__":  # that one runs: below
         importlib.import_module(module.name)
+# The workers' call tables it reads (their record sizes): an exec hands over
+# those alone, the others closed by it (a release before the tables would
+# keep them open, and inherited by its own execs, read by nothing).
+try:
+    from fleet_ingress.core import call_table
+except ImportError:
+    table_sizes = []
+else:
+    table_sizes = sorted(getattr(call_table, "LAYOUTS", None) or [call_table.RECORD_SIZE])
+print(CALL_TABLES + " ".join(map(str, table_sizes)), flush=True)
 print(CODE_IMPORTED, flush=True)
 sys.argv = ["fleet-ingress", "check", "-c", sys.argv[1]]
 runpy.run_module("fleet_ingress", run_name="__main__", alter_sys=True)
@@ -129,8 +139,12 @@ TRIAL_CODE_IMPORTED = "fleet-ingress trial: the installed code imports"
 # the running one at all (not a broken install, not the configuration).
 TRIAL_CANNOT_TAKE_OVER = "fleet-ingress trial: cannot take over: "
 TRIAL_CANNOT_TAKE_OVER_EXIT = 3
+# What it prints before the record sizes of the call tables the installed code
+# reads (`core.call_table.LAYOUTS`; none: a release before the tables).
+TRIAL_CALL_TABLES = "fleet-ingress trial: call tables of record sizes: "
 _TRIAL = (
     f"CODE_IMPORTED = {TRIAL_CODE_IMPORTED!r}\n"
+    f"CALL_TABLES = {TRIAL_CALL_TABLES!r}\n"
     f"CANNOT_TAKE_OVER = {TRIAL_CANNOT_TAKE_OVER!r}\n"
     f"CANNOT_TAKE_OVER_EXIT = {TRIAL_CANNOT_TAKE_OVER_EXIT}\n"
     f"TRIAL_NICE = {TRIAL_NICE}\n" + _TRIAL
@@ -139,6 +153,15 @@ _TRIAL = (
 # Environment the trial must not see: only the main PID speaks to systemd,
 # and the listeners are not its to claim.
 _NOT_FOR_TRIAL = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "FLEET_INGRESS_LISTEN_FDS")
+
+
+class TrialPassed(NamedTuple):
+    """What a trial run that passed said: `check`'s last line, and the record
+    sizes of the call tables the installed code reads (None: the trial did
+    not say, as this release's always does)."""
+
+    checked: str
+    table_sizes: frozenset[int] | None
 
 
 class TrialFailed(Exception):
@@ -153,10 +176,10 @@ class TrialFailed(Exception):
         self.cause = cause
 
 
-async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str:
+async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> TrialPassed:
     """Run the code installed now (`sys.executable`, this environment) the way
     the re-executed supervisor and its workers will: returns what `check`
-    said, or raises TrialFailed."""
+    said and the call tables it reads, or raises TrialFailed."""
     env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_TRIAL}
     env["FLEET_INGRESS_STATE_VERSION"] = str(STATE_VERSION)
     proc = await asyncio.create_subprocess_exec(
@@ -186,6 +209,7 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
         ) from None
     lines = output.decode("utf-8", "replace").strip().splitlines()
     imported = TRIAL_CODE_IMPORTED in lines
+    table_sizes = _table_sizes(lines[: lines.index(TRIAL_CODE_IMPORTED)] if imported else [])
     # Only where the trial says it (exit 3, before the imports: not what check printed).
     said = [line for line in lines if line.startswith(TRIAL_CANNOT_TAKE_OVER)]
     if proc.returncode == TRIAL_CANNOT_TAKE_OVER_EXIT and said and not imported:
@@ -256,7 +280,16 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "which fails the same way, and the host serves with a worker fewer (`fleet-ingress "
             "stat`: WORKERS MISSING)"
         )
-    return lines[-1] if lines else ""
+    return TrialPassed(lines[-1] if lines else "", table_sizes)
+
+
+def _table_sizes(lines: list[str]) -> frozenset[int] | None:
+    """The record sizes the trial said the installed code's call tables have."""
+    said = [line for line in lines if line.startswith(TRIAL_CALL_TABLES)]
+    if not said:
+        return None
+    words = said[-1].removeprefix(TRIAL_CALL_TABLES).split()
+    return frozenset(int(word) for word in words if word.isdecimal())
 
 
 # -- the supervisor's state over the exec -----------------------------------------

@@ -51,7 +51,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
-from fleet_ingress.net.call_table_map import taken_over
+from fleet_ingress.net.call_table_map import handed_over, taken_over
 from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.slot_server import HandoverError, SlotServer, channel_key
 from fleet_ingress.net.tls import CarrierPem
@@ -224,6 +224,9 @@ class UpgradeSequence:
         # When the previous image stopped reading its workers (None: not carried).
         self._exec_at: float | None = None
         self._running_json = RunningJson()  # written every second (crash_snapshot)
+        # The record sizes of the call tables the installed code reads, as its
+        # trial run said them (None: not said; every table is handed over).
+        self._tables_installed_reads: frozenset[int] | None = None
         if carried is not None:
             self._take_carried(carried)
 
@@ -486,7 +489,7 @@ class UpgradeSequence:
     async def _trial_then_exec(self, status: dict[str, Any]) -> None:
         supervisor = self.supervisor
         try:
-            checked = await trial_run(supervisor.config_path)
+            passed = await trial_run(supervisor.config_path)
         except TrialFailed as exc:
             self._upgrade_failed(status, str(exc), cause=exc.cause)
             return
@@ -494,8 +497,9 @@ class UpgradeSequence:
             log.exception("upgrade: trial run broke")
             self._upgrade_failed(status, f"the trial run could not be started: {exc!r}")
             return
+        self._tables_installed_reads = passed.table_sizes
         try:
-            await self._after_trial(status, checked)
+            await self._after_trial(status, passed.checked)
         except Exception as exc:
             # A bug: the upgrade stayed "under way" for good (every later one
             # refused) and systemd was told RELOADING=1 with no READY=1 after it
@@ -821,7 +825,8 @@ class UpgradeSequence:
                     # worker of this generation dying after it still has its
                     # lost calls' lines. Not in a crash snapshot: an fd number
                     # means nothing to a process that did not inherit it.
-                    "call_table_fd": w.call_table_fd if handover else None,
+                    # Not one the installed code cannot read (`_handed_table`).
+                    "call_table_fd": self._handed_table(w.call_table_fd) if handover else None,
                     # What it said of each call open on its channel, and of those
                     # open when its channel ended: their access lines if lost.
                     "calls": _calls_to_json(supervisor.server.calls_of(w.key)) if handover else {},
@@ -890,19 +895,23 @@ class UpgradeSequence:
         # (written after the hand-over: before, a crash restart under-counted
         # such a worker by its budget; no socket read since, no await).
         self.supervisor.write_snapshot()
+        owned = [
+            w.call_table_fd
+            for w in self.supervisor.pool.workers.values()
+            if w.call_table_fd is not None
+        ]
+        tables = [table for table in owned if self._handed_table(table) is not None]
         log.info(
             "upgrade: re-executing the supervisor with the installed code",
             extra=fields(
                 upgrade=next(reversed(self.statuses)),
                 kept=sorted(socks),
                 executable=sys.executable,
+                # Those the installed code cannot read are closed by the exec.
+                call_tables_handed=len(tables),
+                call_tables_closed=len(owned) - len(tables),
             ),
         )
-        tables = [
-            w.call_table_fd
-            for w in self.supervisor.pool.workers.values()
-            if w.call_table_fd is not None
-        ]
         try:
             for table in tables:  # named in the state carried (`call_table_fd`)
                 os.set_inheritable(table, True)
@@ -912,6 +921,17 @@ class UpgradeSequence:
             for table in tables:
                 os.set_inheritable(table, False)
             raise _ExecFailed(exc, kept) from exc
+
+    def _handed_table(self, fd: int | None) -> int | None:
+        """`fd` when a worker's call table goes over the exec: one whose record
+        size the installed code reads (its trial run said them). The others
+        stay close-on-exec, closed by the exec: a release before the tables
+        (a downgrade) knew nothing of them, kept them open and inheritable
+        for good (carried over each of its own execs), read and closed by
+        nothing; one that reads other records would refuse it when the
+        worker died. Their workers' lost calls are then those the supervisor
+        heard of, as before the tables."""
+        return fd if fd is not None and handed_over(fd, self._tables_installed_reads) else None
 
     async def _take_back(self, kept: dict[str, socket.socket]) -> None:
         """The exec failed after the channels were handed over: serve them again

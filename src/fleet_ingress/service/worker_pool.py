@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fleet_ingress.config.settings import IngressConfig, config_to_json
+from fleet_ingress.core.call_table import LIVE
 from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.core.lost_calls import lost_call_record, lost_with_table
@@ -625,6 +626,23 @@ class WorkerPool:
                 )
                 return
             lost = lost_with_table(worker.calls_at_leave, table)
+            live = sum(1 for state, _ in table.values() if state == LIVE)
+            log.info(
+                "worker's call table read: its lost calls are its live records and those "
+                "it had none for",
+                extra=fields(
+                    pid=worker.pid,
+                    generation=worker.generation,
+                    records_live=live,
+                    records_ended=len(table) - live,
+                    # Live there, never heard of here (their acquire held or in flight).
+                    live_not_heard=sum(
+                        1
+                        for lease, (state, _) in table.items()
+                        if state == LIVE and lease not in worker.calls_at_leave
+                    ),
+                ),
+            )
             worker.calls_at_leave = lost
             # The slots it held that were lost: not those of calls ended and
             # logged whose release had not come, and those granted from its
