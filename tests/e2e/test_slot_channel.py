@@ -1624,3 +1624,51 @@ async def test_a_call_with_a_record_in_its_workers_table_is_kept_so_and_ended_th
 async def _kept_when_said(h: Host, key: object, lease: int) -> dict[str, object]:
     await eventually(lambda: lease in h.server.calls_of(key))
     return h.server.calls_of(key)[lease]
+
+
+async def test_a_recorded_calls_logged_rides_its_release_one_write_for_the_two(asked_host):
+    """A call with a record in its worker's call table: once its access line is
+    written (its record ENDED), its "logged" waits for this end's next write,
+    and the release that comes a moment later says it: the supervisor reads
+    one "release" (one wake-up, not two) and forgets the call all the same. A
+    call with no record (the table full) is told at once, as before. A
+    recorded call whose release does not come is told "logged" ANSWERS_FLUSH
+    after. Before, every "logged" went at once: "logged", then "release"."""
+    from fleet_ingress.net.call_table_map import CallTableWriter, make_table
+
+    h = asked_host(maxconn=3)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    read: list[tuple[str, object]] = []
+    handle = h.server._handle
+
+    def seen(channel, message):
+        read.append((message["op"], message.get("id")))
+        handle(channel, message)
+
+    h.server._handle = seen  # type: ignore[method-assign]
+    fd = make_table(count=2)
+    try:
+        w1.table = CallTableWriter(os.dup(fd))
+        recorded = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        lingering = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        unrecorded = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})  # table full
+        await eventually(lambda: len(h.server.calls_of(key)) == 3)
+        read.clear()
+        recorded.call_logged()
+        recorded.release()
+        unrecorded.call_logged()
+        unrecorded.release()
+        await eventually(lambda: sum(h.active().values()) == 1)
+        assert read == [("release", recorded.id), ("logged", unrecorded.id),
+                        ("release", unrecorded.id)]  # fmt: skip
+        assert list(h.server.calls_of(key)) == [lingering.id]
+        read.clear()
+        logged_at = time.monotonic()
+        lingering.call_logged()
+        await eventually(lambda: not h.server.calls_of(key))
+        assert read == [("logged", lingering.id)]
+        assert time.monotonic() - logged_at >= ANSWERS_FLUSH * 0.9
+        assert lingering.held and sum(h.active().values()) == 1
+    finally:
+        os.close(fd)

@@ -267,6 +267,13 @@ class SlotClient(asyncio.Protocol):
         # Whether it says it takes standing budgets (set before its hello).
         self.takes_standing = STANDING_BUDGETS if standing is None else standing
         self._held_lines: list[bytes] = []
+        # Leases whose call's access line is written, its record in the table
+        # ENDED, their "logged" not told yet: it rides this end's next write
+        # (the call's release, a few ms later, most often), or goes
+        # ANSWERS_FLUSH after; a release told first says it (the supervisor
+        # forgets the call at either), and it is dropped. Should this process
+        # die meanwhile, the supervisor reads ENDED in the table: no second line.
+        self._logged_untold: set[int] = set()
         # Leases given up unanswered while a standing budget stood: should the
         # grant come after all, the supervisor held it when it read the release
         # and gave that slot back into its copy of the budget; ours takes it
@@ -476,6 +483,7 @@ class SlotClient(asyncio.Protocol):
         return self._pending.pop(lease_id, None)
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
+        self._logged_untold.discard(lease_id)  # the release says it
         recorded = self.table is not None and self.table.logged(lease_id)
         self._over(lease_id)
         kept = False
@@ -486,6 +494,7 @@ class SlotClient(asyncio.Protocol):
         self._tell({"op": "release", "id": lease_id}, hold=kept and recorded)
 
     def _release(self, lease: RemoteLease) -> None:
+        self._logged_untold.discard(lease.id)  # the release says it
         kept = self._given_back(lease.fleet)
         # Held only for a call with a record: it reads ENDED should this process
         # die first. Without one, the supervisor would write its line again.
@@ -496,8 +505,13 @@ class SlotClient(asyncio.Protocol):
     def _logged(self, lease_id: int) -> None:
         if self._calls.pop(lease_id, None) is not None:
             # ENDED before "logged" is held: a death now writes no second line.
-            recorded = self.table is not None and self.table.logged(lease_id)
-            self._tell({"op": "logged", "id": lease_id}, hold=recorded)
+            # With a record (ENDED now), told with the next write: its release
+            # most often, which says it (one wake-up of the supervisor, not two).
+            if self.table is not None and self.table.logged(lease_id):
+                self._logged_untold.add(lease_id)
+                self._flush_soon()
+            else:
+                self._write({"op": "logged", "id": lease_id})
 
     def _given_back(self, fleet: FleetState) -> bool:
         """A slot held on `fleet` is given back (released, or granted to a call
@@ -668,6 +682,7 @@ class SlotClient(asyncio.Protocol):
         self._cancel_flush()
         self._answers.clear()
         self._held_lines.clear()
+        self._logged_untold.clear()
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
@@ -860,11 +875,17 @@ class SlotClient(asyncio.Protocol):
         if self._answers:
             data = encode({"op": "answered", "leases": self._answers}) + data
             self._answers = []
-            self._cancel_flush()
+        if self._logged_untold:
+            # One line each: a supervisor of before this end reads them so.
+            logged = b"".join(encode({"op": "logged", "id": n}) for n in self._logged_untold)
+            data = logged + data
+            self._logged_untold.clear()
         if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
             data = b"".join(self._held_lines) + data
             self._held_lines = []
-            self._cancel_flush()
+        # Nothing is left to ride a later write: the flush armed for what went
+        # (or for a "logged" a release has said since) is not needed.
+        self._cancel_flush()
         if data:
             transport.write(data)
 
