@@ -773,6 +773,11 @@ class SlotServer:
             assert channel.transport is not None
             channel.transport.pause_reading()
             channel.handed_over = True
+            # Its releases that waited are told in its "state" (its "sync" ends
+            # the waiting), and what was parked is counted there too: taken
+            # back or read by the next image, it starts anew ("off").
+            self._releases_off(channel)
+            channel.parked = []
             # Our descriptor closes, the duplicate keeps the channel open: the
             # worker sees no end of file.
             channel.transport.abort()
