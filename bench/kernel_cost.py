@@ -116,6 +116,7 @@ def proc_counters(pid: int) -> dict[str, float]:
     """What /proc says of one process now (all its threads): CPU split, faults, switches."""
     _, f = procfs.read_stat(pid)
     voluntary, involuntary = procfs.context_switches(pid)
+    threads, others_voluntary = _other_threads(pid)
     run_ns, wait_ns, slices = (int(x) for x in Path(f"/proc/{pid}/schedstat").read_text().split())
     return {
         "utime_s": int(f[11]) / procfs.CLK_TCK,
@@ -124,10 +125,33 @@ def proc_counters(pid: int) -> dict[str, float]:
         "majflt": int(f[9]),
         "ctx_voluntary": voluntary,
         "ctx_involuntary": involuntary,
+        "threads": threads,
+        "ctx_voluntary_other_threads": others_voluntary,
         "sched_run_s": run_ns / 1e9,
         "sched_wait_s": wait_ns / 1e9,
         "sched_slices": slices,
     }
+
+
+def _other_threads(pid: int) -> tuple[int, int]:
+    """Threads of `pid` (now), and the voluntary context switches of all but its
+    main thread (the log writer's wake-ups and any other thread's)."""
+    try:
+        tasks = [t for t in (Path("/proc") / str(pid) / "task").iterdir()]
+    except (FileNotFoundError, ProcessLookupError):
+        return (0, 0)
+    voluntary = 0
+    for task in tasks:
+        if task.name == str(pid):
+            continue
+        try:
+            text = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+    return (len(tasks), voluntary)
 
 
 def parse_perf_stat(text: str) -> dict[str, float]:
@@ -152,9 +176,14 @@ def parts_of(target: Target) -> dict[int, str]:
     return process_roles(target.kind, tree)
 
 
-async def perf_stat(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process:
+async def perf_stat(
+    pid: int, seconds: float, out: Path, by_name: bool = False
+) -> asyncio.subprocess.Process:
+    """`by_name`: every system call by name too (the kernel's ``syscalls:sys_enter_*``
+    tracepoints, counted: nothing stopped)."""
     perf = shutil.which("perf") or "perf"
-    argv = [perf, "stat", "-x", ",", "-e", ",".join(PERF_EVENTS), "-p", str(pid)]
+    events = [*PERF_EVENTS, "syscalls:sys_enter_*"] if by_name else list(PERF_EVENTS)
+    argv = [perf, "stat", "-x", ",", "-e", ",".join(events), "-p", str(pid)]
     argv += ["-o", str(out), "--", "sleep", f"{seconds:.2f}"]
     return await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
@@ -258,7 +287,7 @@ async def one_round(
     for name, roles in parts.items():
         for pid, role in roles.items():
             out = args.out / f"perf-r{n}-{name.replace('@', '-')}-{role.replace(' ', '')}.txt"
-            perfs[(name, pid)] = (out, await perf_stat(pid, window, out))
+            perfs[(name, pid)] = (out, await perf_stat(pid, window, out, args.syscalls))
     ta = time.monotonic()
     before = {(name, pid): proc_counters(pid) for name, r in parts.items() for pid in r}
     records = await perf_record_start(args, parts, n)
@@ -305,6 +334,7 @@ async def one_round(
             per_perf = {k: round(v / started, 3) for k, v in counted.items()} if started else {}
             by_part[role] = {
                 "pid": pid,
+                "threads": after[(name, pid)]["threads"],
                 "proc": per,
                 "beyond_idle": beyond,
                 "idle_per_s": {k: round(v, 6) for k, v in idle_rate.items()},
@@ -418,6 +448,7 @@ ROWS = (
     ("major page faults", "proc", ("majflt",), 1),
     ("context switches, voluntary", "proc", ("ctx_voluntary",), 1),
     ("context switches, involuntary", "proc", ("ctx_involuntary",), 1),
+    ("  of them voluntary, threads but the main one", "proc", ("ctx_voluntary_other_threads",), 1),
     ("CPU migrations (perf)", "perf", ("cpu-migrations",), 1),
     ("system calls (perf)", "perf", ("raw_syscalls:sys_enter",), 1),
     ("  epoll_wait + epoll_pwait", "perf", EPOLL_WAITS, 1),
@@ -483,9 +514,9 @@ def target_env(name: str, env: dict[str, str], variants: list[str]) -> dict[str,
     """The environment of target `name`: `env` for an ingress, and for
     ``ingress@V`` what each ``--variant V:KEY=VALUE`` adds (``{repo}`` is this
     repository; a PYTHONPATH goes before the one `env` sets)."""
-    if not name.startswith("ingress"):
+    if "@" not in name and not name.startswith("ingress"):
         return None
-    out = dict(env)
+    out = dict(env) if name.startswith("ingress") else {}
     _, _, own = name.partition("@")
     repo = str(Path(__file__).resolve().parent.parent)
     for variant in variants:
@@ -498,6 +529,35 @@ def target_env(name: str, env: dict[str, str], variants: list[str]) -> dict[str,
             value = os.pathsep.join((value, out[key]))
         out[key] = value
     return out
+
+
+def syscall_table(rounds: list[dict[str, Any]], least: float = 0.05) -> str:
+    """With ``--syscalls``: every system call by name a call (median over the rounds),
+    by process, those made at least `least` times a call by some process; and the
+    threads each process had at the window's end."""
+    columns: list[tuple[str, str]] = []
+    for name, t in rounds[0]["targets"].items():
+        columns += [(name, role) for role in t["parts"]]
+    prefix = "syscalls:sys_enter_"
+    names: set[str] = set()
+    for r in rounds:
+        for name, role in columns:
+            perf = r["targets"][name]["parts"][role]["perf"]
+            names |= {k for k, v in perf.items() if k.startswith(prefix) and v >= least}
+
+    def med(name: str, role: str, key: str, section: str = "perf") -> float:
+        vals = [r["targets"][name]["parts"][role][section].get(key) or 0.0 for r in rounds]
+        return float(statistics.median(vals))
+
+    head = ["system calls a call"] + [f"{n} {r}" if r != n else n for n, r in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(names, key=lambda k: -max(med(n, r, k) for n, r in columns))
+    for key in order:
+        cells = [f"{med(n, r, key):.2f}" for n, r in columns]
+        lines.append("| " + " | ".join([key.removeprefix(prefix), *cells]) + " |")
+    threads = [str(rounds[-1]["targets"][n]["parts"][r].get("threads", "-")) for n, r in columns]
+    lines.append("| " + " | ".join(["threads (at the window's end)", *threads]) + " |")
+    return "\n".join(lines)
 
 
 def gc_table(rounds: list[dict[str, Any]]) -> str:
@@ -562,6 +622,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(dso_table(rounds))
     if args.gc:
         print(gc_table(rounds))
+    if args.syscalls:
+        print(syscall_table(rounds))
     shutil.rmtree(work, ignore_errors=True)
     return 1 if any(t["errors"] for r in rounds for t in r["targets"].values()) else 0
 
@@ -589,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         help="perf record (cpu-clock) each process over the window: on-CPU ms by object",
     )
     p.add_argument("--gc", action="store_true", help="count the ingress's cyclic GC")
+    p.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="every system call by name (perf's syscalls:sys_enter_* tracepoints)",
+    )
     p.add_argument("--variant-pythonpath", help="src of the ingress to run (default: this tree)")
     p.add_argument(
         "--variant",

@@ -1624,3 +1624,177 @@ async def test_a_call_with_a_record_in_its_workers_table_is_kept_so_and_ended_th
 async def _kept_when_said(h: Host, key: object, lease: int) -> dict[str, object]:
     await eventually(lambda: lease in h.server.calls_of(key))
     return h.server.calls_of(key)[lease]
+
+
+async def test_a_recorded_calls_logged_rides_its_release_one_write_for_the_two(asked_host):
+    """A call with a record in its worker's call table: once its access line is
+    written (its record ENDED), its "logged" waits for this end's next write,
+    and the release that comes a moment later says it: the supervisor reads
+    one "release" (one wake-up, not two) and forgets the call all the same. A
+    call with no record (the table full) is told at once, as before. A
+    recorded call whose release does not come is told "logged" ANSWERS_FLUSH
+    after. Before, every "logged" went at once: "logged", then "release"."""
+    from fleet_ingress.net.call_table_map import CallTableWriter, make_table
+
+    h = asked_host(maxconn=3)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    read: list[tuple[str, object]] = []
+    handle = h.server._handle
+
+    def seen(channel, message):
+        read.append((message["op"], message.get("id")))
+        handle(channel, message)
+
+    h.server._handle = seen  # type: ignore[method-assign]
+    fd = make_table(count=2)
+    try:
+        w1.table = CallTableWriter(os.dup(fd))
+        recorded = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        lingering = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        unrecorded = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})  # table full
+        await eventually(lambda: len(h.server.calls_of(key)) == 3)
+        read.clear()
+        recorded.call_logged()
+        recorded.release()
+        unrecorded.call_logged()
+        unrecorded.release()
+        await eventually(lambda: sum(h.active().values()) == 1)
+        assert read == [("release", recorded.id), ("logged", unrecorded.id),
+                        ("release", unrecorded.id)]  # fmt: skip
+        assert list(h.server.calls_of(key)) == [lingering.id]
+        read.clear()
+        logged_at = time.monotonic()
+        lingering.call_logged()
+        await eventually(lambda: not h.server.calls_of(key))
+        assert read == [("logged", lingering.id)]
+        assert time.monotonic() - logged_at >= ANSWERS_FLUSH * 0.9
+        assert lingering.held and sum(h.active().values()) == 1
+    finally:
+        os.close(fd)
+
+
+def _with_table(client: SlotClient, count: int) -> int:
+    """A real call table (memfd) for `client`; its descriptor, to close."""
+    from fleet_ingress.net.call_table_map import CallTableWriter, make_table
+
+    fd = make_table(count=count)
+    client.table = CallTableWriter(os.dup(fd))
+    return fd
+
+
+def _ops_read(h: Host) -> list[tuple[str, object]]:
+    """Every slot message the coordinator reads from here on: (op, id)."""
+    read: list[tuple[str, object]] = []
+    handle = h.server._handle
+
+    def seen(channel, message):
+        read.append((message["op"], message.get("id")))
+        handle(channel, message)
+
+    h.server._handle = seen  # type: ignore[method-assign]
+    return read
+
+
+async def test_a_lone_workers_release_rides_its_next_acquire(asked_host):
+    """The only worker, nobody waiting: the supervisor lets its releases wait
+    ("releases"), so a recorded call's release goes with the worker's next
+    write, its next "acquire" most often (one wake-up of the supervisor a
+    call, not two), read before it: the grant counts the slot given back.
+    Before, every release went at once."""
+    h = asked_host(maxconn=1)
+    w1 = await h.worker()
+    fd = _with_table(w1, 4)
+    try:
+        await eventually(lambda: w1._releases_wait)
+        read = _ops_read(h)
+        first = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        second = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        assert {first.fleet.name, second.fleet.name} == {"a", "b"}
+        read.clear()
+        released_at = time.monotonic()
+        first.release()
+        await asyncio.sleep(0.02)
+        if time.monotonic() - released_at < ANSWERS_FLUSH / 2:
+            assert read == [] and sum(h.active().values()) == 2  # held: not read yet
+        third = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})
+        assert third.fleet.name == first.fleet.name and third.queued_s == 0.0
+        assert read[:2] == [("release", first.id), ("acquire", third.id)]
+        second.release()  # nothing follows: told ANSWERS_FLUSH after
+        await eventually(lambda: sum(h.active().values()) == 1)
+    finally:
+        os.close(fd)
+
+
+async def test_a_second_worker_is_granted_on_counts_with_the_first_ones_held_releases(asked_host):
+    """A second worker joins while the first holds a release: the first is told
+    its releases no longer wait and says so once it has written them; the
+    second's "acquire" is read only then (parked meanwhile), so it is granted
+    the slot given back at once, not queued behind a count one too high."""
+    h = asked_host(maxconn=1)
+    w1 = await h.worker()
+    fd = _with_table(w1, 4)
+    try:
+        await eventually(lambda: w1._releases_wait)
+        held = [await w1.lease(call={"call_id": n, "bot_id": f"bot-{n}"}) for n in (1, 2)]
+        held[0].release()  # held by w1: the table still counts both fleets full
+        assert sum(h.active().values()) == 2
+        w2 = await h.worker()
+        await eventually(lambda: not w1._releases_wait)
+        lease = await w2.lease()
+        assert lease.fleet.name == held[0].fleet.name and lease.queued_s == 0.0
+        assert h.slots.queue_length == 0 and sum(h.active().values()) == 2
+        await asyncio.sleep(0.05)
+        assert not w1._releases_wait and not w2._releases_wait  # two workers: none wait
+    finally:
+        os.close(fd)
+
+
+async def test_a_call_that_must_wait_takes_the_lone_workers_releases_off_waiting(asked_host):
+    """A call waits in the queue: the worker's releases go at once again, so the
+    waiting call is granted when a slot is given back, not ANSWERS_FLUSH later."""
+    h = asked_host(maxconn=1, queue_timeout=5.0)
+    w1 = await h.worker()
+    fd = _with_table(w1, 4)
+    try:
+        await eventually(lambda: w1._releases_wait)
+        held = [await w1.lease(call={"call_id": n, "bot_id": f"bot-{n}"}) for n in (1, 2)]
+        waiting = asyncio.ensure_future(w1.lease(call={"call_id": 3, "bot_id": "bot-3"}))
+        await eventually(lambda: h.slots.queue_length == 1 and not w1._releases_wait)
+        released_at = time.monotonic()
+        held[0].release()
+        granted = await asyncio.wait_for(waiting, 2)
+        assert time.monotonic() - released_at < ANSWERS_FLUSH / 2 or granted.queued_s > 0
+        assert granted.fleet.name == held[0].fleet.name
+        await eventually(lambda: w1._releases_wait)  # nobody waits: they wait again
+    finally:
+        os.close(fd)
+
+
+async def test_a_worker_gone_with_releases_held_gives_every_slot_back_and_loses_no_call(
+    asked_host,
+):
+    """Its channel ends with a release unwritten: every slot it held comes back
+    (as for any worker gone), and the released call is no lost call (its
+    record freed in the table: `lost_with_table`); the call still live is."""
+    from fleet_ingress.core.lost_calls import lost_with_table
+    from fleet_ingress.net.call_table_map import read_table_fd
+
+    h = asked_host(maxconn=2)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = _with_table(w1, 4)
+    try:
+        await eventually(lambda: w1._releases_wait)
+        ended = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        ended.call_logged()
+        ended.release()  # held
+        assert sum(h.active().values()) == 2
+        w1.close()
+        await eventually(lambda: not h.slots.workers)
+        assert sum(h.active().values()) == 0
+        lost = lost_with_table(h.server.take_calls(key), read_table_fd(fd))
+        assert [c["call_id"] for c in lost.values()] == [2]
+    finally:
+        os.close(fd)

@@ -28,6 +28,11 @@ from it without a round trip, the releases going back into it and "logged"
 ride its next write, and it gives it back when told ("budget-end") or as it
 stops taking calls (`decline_standing`).
 
+While it is the only worker and nobody waits, the supervisor may say its
+releases can wait ("releases" with "wait"): a recorded call's release then
+rides this end's next write (or ANSWERS_FLUSH), and when told they no
+longer can, it answers "releases-told" after what it held.
+
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
 `send_report(final=True)` as the worker exits cleanly. Between asks,
@@ -267,6 +272,17 @@ class SlotClient(asyncio.Protocol):
         # Whether it says it takes standing budgets (set before its hello).
         self.takes_standing = STANDING_BUDGETS if standing is None else standing
         self._held_lines: list[bytes] = []
+        # Leases whose call's access line is written, its record in the table
+        # ENDED, their "logged" not told yet: it rides this end's next write
+        # (the call's release, a few ms later, most often), or goes
+        # ANSWERS_FLUSH after; a release told first says it (the supervisor
+        # forgets the call at either), and it is dropped. Should this process
+        # die meanwhile, the supervisor reads ENDED in the table: no second line.
+        self._logged_untold: set[int] = set()
+        # The supervisor said this worker's releases may wait for its next write
+        # ("releases" "wait": it is the only worker and nobody waits host-wide):
+        # a recorded call's release is held then, as a standing budget's is.
+        self._releases_wait = False
         # Leases given up unanswered while a standing budget stood: should the
         # grant come after all, the supervisor held it when it read the release
         # and gave that slot back into its copy of the budget; ours takes it
@@ -476,6 +492,7 @@ class SlotClient(asyncio.Protocol):
         return self._pending.pop(lease_id, None)
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
+        self._logged_untold.discard(lease_id)  # the release says it
         recorded = self.table is not None and self.table.logged(lease_id)
         self._over(lease_id)
         kept = False
@@ -486,18 +503,25 @@ class SlotClient(asyncio.Protocol):
         self._tell({"op": "release", "id": lease_id}, hold=kept and recorded)
 
     def _release(self, lease: RemoteLease) -> None:
+        self._logged_untold.discard(lease.id)  # the release says it
         kept = self._given_back(lease.fleet)
         # Held only for a call with a record: it reads ENDED should this process
         # die first. Without one, the supervisor would write its line again.
         recorded = self.table is not None and self.table.logged(lease.id)
         self._over(lease.id)
-        self._tell({"op": "release", "id": lease.id}, hold=kept and recorded)
+        hold = recorded and (kept or self._releases_wait)
+        self._tell({"op": "release", "id": lease.id}, hold=hold)
 
     def _logged(self, lease_id: int) -> None:
         if self._calls.pop(lease_id, None) is not None:
             # ENDED before "logged" is held: a death now writes no second line.
-            recorded = self.table is not None and self.table.logged(lease_id)
-            self._tell({"op": "logged", "id": lease_id}, hold=recorded)
+            # With a record (ENDED now), told with the next write: its release
+            # most often, which says it (one wake-up of the supervisor, not two).
+            if self.table is not None and self.table.logged(lease_id):
+                self._logged_untold.add(lease_id)
+                self._flush_soon()
+            else:
+                self._write({"op": "logged", "id": lease_id})
 
     def _given_back(self, fleet: FleetState) -> bool:
         """A slot held on `fleet` is given back (released, or granted to a call
@@ -513,9 +537,10 @@ class SlotClient(asyncio.Protocol):
         return kept and self._standing
 
     def _tell(self, message: dict[str, Any], *, hold: bool) -> None:
-        """Send `message`, or, while a standing budget stands and `hold` says
-        it frees nothing for others, hold it for the next write."""
-        if hold and self._standing:
+        """Send `message`, or, while a standing budget stands or the
+        supervisor lets releases wait, and `hold` says it frees nothing for
+        others, hold it for the next write."""
+        if hold and (self._standing or self._releases_wait):
             self._hold(message)
         else:
             self._write(message)
@@ -598,6 +623,7 @@ class SlotClient(asyncio.Protocol):
                 # and from a standing one ("budget" with "standing")
                 **({"standing": True} if self.takes_standing else {}),
                 "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
+                "releases_wait": True,  # it holds releases when told ("releases")
                 **({"tag": self.tag} if self.tag is not None else {}),
             }
         )
@@ -668,6 +694,8 @@ class SlotClient(asyncio.Protocol):
         self._cancel_flush()
         self._answers.clear()
         self._held_lines.clear()
+        self._logged_untold.clear()
+        self._releases_wait = False
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
@@ -687,7 +715,13 @@ class SlotClient(asyncio.Protocol):
         op = message["op"]
         if op == "sync":
             self._end_budget()  # the supervisor counts from this "state" on
+            self._releases_wait = False  # the new image says anew (this write tells all)
             self._write(self._state())
+            return
+        if op == "releases":
+            self._releases_wait = message.get("wait") is True
+            if not self._releases_wait:
+                self._write({"op": "releases-told"})  # after every line held
             return
         if op == "budget":
             self._take_budget(message)
@@ -772,6 +806,7 @@ class SlotClient(asyncio.Protocol):
             # and from a standing one ("budget" with "standing")
             **({"standing": True} if self.takes_standing else {}),
             "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
+            "releases_wait": True,  # it holds releases when told ("releases")
             **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),
@@ -860,11 +895,17 @@ class SlotClient(asyncio.Protocol):
         if self._answers:
             data = encode({"op": "answered", "leases": self._answers}) + data
             self._answers = []
-            self._cancel_flush()
+        if self._logged_untold:
+            # One line each: a supervisor of before this end reads them so.
+            logged = b"".join(encode({"op": "logged", "id": n}) for n in self._logged_untold)
+            data = logged + data
+            self._logged_untold.clear()
         if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
             data = b"".join(self._held_lines) + data
             self._held_lines = []
-            self._cancel_flush()
+        # Nothing is left to ride a later write: the flush armed for what went
+        # (or for a "logged" a release has said since) is not needed.
+        self._cancel_flush()
         if data:
             transport.write(data)
 

@@ -25,6 +25,11 @@ in the queue, each worker that said "standing" is given slots reserved in the
 table to grant calls from itself, and they are taken back ("budget-end") when
 a call must wait or a budget's fleet can no longer be picked.
 
+Releases that wait (`_review_releases`): while one worker is the only one
+and nobody waits, it is told ("releases") that a recorded call's release may
+ride its next write; a second worker or a queue ends that, and the others'
+messages are parked until it has told what it held ("releases-told").
+
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
 asks every worker for a fresh one and waits (bounded) for the answers.
@@ -99,6 +104,12 @@ _REST_WAIT = 1.0
 STANDING_RETRY = 0.5
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
+# Releases that wait (`SlotServer._review_releases`): a worker told they no
+# longer may is given this long (seconds) to tell what it held
+# ("releases-told"); past it, it is taken as told (a release still held then
+# only over-counts its fleet: maxconn is never passed) and the messages of
+# the other workers parked meanwhile are read.
+RELEASES_TOLD_WAIT = 1.0
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset(
@@ -114,6 +125,7 @@ _WORKER_OPS = frozenset(
         "report",
         "budget-taken",
         "budget-dropped",
+        "releases-told",
     }
 )
 
@@ -174,6 +186,16 @@ class _Channel(asyncio.Protocol):
         # id -> fleet name, None from a worker that does not say it): counted
         # as grants once its "state" is taken (`HostSlots.count_granted`).
         self.budget_grants: dict[int, str | None] = {}
+        # Whether it can hold its releases for its next write ("releases_wait" in
+        # its hello or state), whether it was told it may ("wait"), or told it no
+        # longer may and has not said what it held yet ("ending"), and the timer
+        # that takes it as told (RELEASES_TOLD_WAIT).
+        self.waits_releases = False
+        self.releases = "off"
+        self.releases_timer: asyncio.TimerHandle | None = None
+        # Its messages read while another worker's releases may wait unread:
+        # acted on, in order, once that worker has told them (`_unpark`).
+        self.parked: list[dict[str, Any]] = []
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
         self.generation: int | None = None
@@ -297,6 +319,9 @@ class SlotServer:
         # counted for a worker slow to answer after a failed exec (`take_back`).
         self._budgets_sent: dict[int, list[str]] = {}
         self._restored = asyncio.Event()
+        # Channels whose releases may wait unread ("wait" or "ending"): `_review_releases`.
+        self._releases_waiting: set[int] = set()
+        self._unparking = False
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet and their answers): op -> handler(channel key, message).
         self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
@@ -748,6 +773,11 @@ class SlotServer:
             assert channel.transport is not None
             channel.transport.pause_reading()
             channel.handed_over = True
+            # Its releases that waited are told in its "state" (its "sync" ends
+            # the waiting), and what was parked is counted there too: taken
+            # back or read by the next image, it starts anew ("off").
+            self._releases_off(channel)
+            channel.parked = []
             # Our descriptor closes, the duplicate keeps the channel open: the
             # worker sees no end of file.
             channel.transport.abort()
@@ -1015,6 +1045,7 @@ class SlotServer:
             channel.budgets = message.get("budgets") is True
             channel.standing = message.get("standing") is True
             channel.hears_down = message.get("fleet_down") is True
+            channel.waits_releases = message.get("releases_wait") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -1024,6 +1055,16 @@ class SlotServer:
             for hook in self.on_join:
                 hook(channel.key, pid, generation)
             self._review_standing()
+            self._review_releases()
+            return
+        if op == "releases-told":  # it held none of its releases back from here on
+            self._releases_told(channel)
+            return
+        if channel.parked or self._releases_wait_elsewhere(channel):
+            # Another worker's releases may wait in its channel: a grant made now
+            # would count that fleet's slots too high (leastconn's order, maxconn's
+            # room). Read once it has told them (it was asked at this one's hello).
+            channel.parked.append(message)
             return
         if op == "acquire":
             lease = field(message, "id", int)
@@ -1059,6 +1100,7 @@ class SlotServer:
             if answer is None:
                 self._arm()
                 self._review_standing()  # a call waits: budgets are taken back
+                self._review_releases()  # and releases go at once
             else:
                 self._send([answer])
         elif op == "release":
@@ -1234,6 +1276,7 @@ class SlotServer:
         channel.budgets = message.get("budgets") is True
         channel.standing = message.get("standing") is True
         channel.hears_down = message.get("fleet_down") is True
+        channel.waits_releases = message.get("releases_wait") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
@@ -1288,6 +1331,10 @@ class SlotServer:
 
     def _gone(self, channel: _Channel) -> None:
         self._channels.pop(channel.key, None)
+        # What it held comes back below; the others' messages parked for its
+        # releases are read after (`_send`, `_unpark`).
+        channel.parked = []
+        self._releases_off(channel)
         if channel.key in self._restoring:
             self._restoring.discard(channel.key)
             if not self._restoring:
@@ -1370,6 +1417,7 @@ class SlotServer:
         for hook in self.on_leave:
             hook(channel.key, row)
         self._send(answers)
+        self._unpark()
 
     def cut(self, key: int) -> bool:
         """End channel `key` from this side (its slots then come back as for
@@ -1424,6 +1472,102 @@ class SlotServer:
             channel.send(message)
         self._arm()
         self._review_standing()
+        self._review_releases()
+
+    # -- releases that wait ----------------------------------------------------
+
+    def _review_releases(self) -> None:
+        """A worker's releases may wait to ride its next write (or
+        ANSWERS_FLUSH) while it is the only worker and nobody waits in the
+        queue: every grant is then made on its own "acquire", which its held
+        releases precede on the channel, so the host's counts are exact at
+        each grant (leastconn's order, maxconn) and no waiting call waits on a
+        release (one supervisor wake-up a churned call, not two). A second
+        worker, a queue, a pause or a restore ends it: the worker is told
+        ("releases" "wait": false) and answers once it has written what it
+        held ("releases-told"); meanwhile the other workers' messages are
+        parked (`_handle`), so no grant counts a release still held."""
+        if not self._channels:
+            return
+        slots = self.slots
+        alone: _Channel | None = None
+        if (
+            len(self._channels) == 1
+            and not self._restoring
+            and not slots.queue_length
+            and not slots.paused
+        ):
+            (alone,) = self._channels.values()
+            if not (
+                alone.waits_releases
+                and alone.joined
+                and not alone.restoring
+                and not alone.standing
+                and not alone.drained
+                and alone.transport is not None
+                and not alone.transport.is_closing()
+            ):
+                alone = None
+        for channel in self._channels.values():
+            if channel is alone:
+                if channel.releases == "off":
+                    channel.releases = "wait"
+                    self._releases_waiting.add(channel.key)
+                    channel.send({"op": "releases", "wait": True})
+            elif channel.releases == "wait":
+                channel.releases = "ending"
+                channel.send({"op": "releases", "wait": False})
+                channel.releases_timer = channel.loop.call_later(
+                    RELEASES_TOLD_WAIT, self._releases_told, channel
+                )
+
+    def _releases_wait_elsewhere(self, channel: _Channel) -> bool:
+        """Whether a worker other than `channel`'s may hold releases unread."""
+        waiting = self._releases_waiting
+        return bool(waiting) and (len(waiting) > 1 or channel.key not in waiting)
+
+    def _releases_told(self, channel: _Channel) -> None:
+        """`channel`'s worker has written every release it held (or
+        RELEASES_TOLD_WAIT has passed): the others' parked messages are read."""
+        if channel.releases == "wait":
+            return  # told before it was asked: nothing to end
+        self._releases_off(channel)
+        self._unpark()
+        self._review_releases()
+
+    def _releases_off(self, channel: _Channel) -> None:
+        channel.releases = "off"
+        self._releases_waiting.discard(channel.key)
+        if channel.releases_timer is not None:
+            channel.releases_timer.cancel()
+            channel.releases_timer = None
+
+    def _unpark(self) -> None:
+        """The messages parked while another worker's releases might wait, read
+        in order, each channel's until it must park again."""
+        if self._unparking:
+            return  # a message read here moved the table: the loop below goes on
+        self._unparking = True
+        try:
+            self._unpark_each()
+        finally:
+            self._unparking = False
+
+    def _unpark_each(self) -> None:
+        for channel in list(self._channels.values()):
+            while channel.parked and not self._releases_wait_elsewhere(channel):
+                message = channel.parked.pop(0)
+                try:
+                    self._handle(channel, message)
+                except (WireError, SlotProtocolError) as exc:
+                    log.error(
+                        "slot channel closed: the worker broke the protocol",
+                        extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
+                    )
+                    channel.parked = []
+                    if channel.transport is not None:
+                        channel.transport.abort()
+                    break
 
     def _review_standing(self, *, fleets_changed: bool = False) -> None:
         """Standing budgets (`core.slot_budget`) after the table moved: taken
