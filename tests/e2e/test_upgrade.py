@@ -3946,7 +3946,8 @@ async def test_the_descriptor_limit_is_said_short_once_not_at_every_upgrade(
         assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000)]
         code, _, err = await _upgrade_command(service)
         assert code == 0, err
-        await eventually(lambda: [e for e in service.log() if e.get("event") == "ready"][1:])
+        # The new image is up (READY=1, after its start said what it had to).
+        await service.wait_for("READY=1", count=2, timeout=20)
         assert len(said()) == 1
         config = service.home / "ingress.toml"
         config.write_text(
@@ -3954,7 +3955,7 @@ async def test_the_descriptor_limit_is_said_short_once_not_at_every_upgrade(
         )
         code, _, err = await _upgrade_command(service)
         assert code == 0, err
-        await eventually(lambda: [e for e in service.log() if e.get("event") == "ready"][2:])
+        await service.wait_for("READY=1", count=3, timeout=20)
         assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000), (1024, 900)]
     finally:
         await service.finish()
