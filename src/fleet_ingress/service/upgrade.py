@@ -69,8 +69,9 @@ STATE_VERSION = 1
 # (TRIAL_NICE) on a busy host it waits for what the calls leave, and a wall
 # bound refused sound installs there (the upgrade audit of session 45: 0.38 s
 # of CPU with the install's .pyc files, 0.62 s with the package compiled from
-# source, 1.3 s with nothing compiled; 27-29 s of wall time beside a busy loop
-# on each core, 0.9 s of CPU, where session 44 saw 92 s beside the upgrade tests).
+# source, 1.3 s with nothing compiled; beside a busy loop on each of 2 cores
+# 27-41 s of wall time for 0.65-1.0 s of CPU, 3.7 s un-niced; session 44 saw
+# 92 s beside the upgrade tests).
 # More CPU than TRIAL_CPU_LIMIT: the install spins (an import in a loop).
 TRIAL_CPU_LIMIT = 30.0
 # No CPU at all for TRIAL_STALL_LIMIT: it waits on something that does not come
