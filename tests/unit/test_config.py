@@ -996,6 +996,43 @@ def test_a_supervisor_of_a_release_that_took_an_infinite_hang_timeout_hands_it_o
         load_config(write(tmp_path, "[process]\nworker_hang_timeout = inf\n"))
 
 
+def test_a_close_flush_past_the_tunnel_timeout_is_refused_naming_both_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timeouts.close_flush had no upper bound, unlike anything that holds a
+    call: 10000 (meant as milliseconds) held a closing side whose peer reads
+    nothing, and its buffers, for 2.8 hours, past timeouts.tunnel (1 h), after
+    which a call with no bytes either way is closed. At most tunnel now; the
+    error names both keys and the fix, in the file and from the environment;
+    handed over by an earlier release's supervisor, it reads as the tunnel's."""
+    from fleet_ingress.config.settings import config_from_json
+
+    path = write(tmp_path, "[timeouts]\nclose_flush = 10000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (said,) = caught.value.problems
+    assert said.startswith(
+        f"{path} line 2: timeouts.close_flush: must be at most timeouts.tunnel, 3600 seconds "
+        "(got 10000)"
+    ), said
+    assert "write seconds, not milliseconds, or raise timeouts.tunnel" in said
+    # The bound is the tunnel's as set, and the edge is taken.
+    edge = load_config(write(tmp_path, "[timeouts]\ntunnel = 60\nclose_flush = 60\n"))
+    assert edge.timeouts.close_flush == 60
+    assert load_config(write(tmp_path, "[timeouts]\ntunnel = 7200\nclose_flush = 5000\n"))
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__CLOSE_FLUSH", "61")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[timeouts]\ntunnel = 60\n"))
+    (said,) = caught.value.problems
+    assert "timeouts.tunnel, 60 seconds (got 61)" in said, said
+    assert "FLEET_INGRESS_TIMEOUTS__CLOSE_FLUSH" in said
+    monkeypatch.delenv("FLEET_INGRESS_TIMEOUTS__CLOSE_FLUSH")
+    handed = config_from_json('{"timeouts": {"close_flush": 10000}}', base_dir=tmp_path)
+    assert handed.timeouts.close_flush == 3600
+    handed = config_from_json('{"timeouts": {"close_flush": 100, "tunnel": 50}}', base_dir=tmp_path)
+    assert handed.timeouts.close_flush == 50
+
+
 def test_a_supervisor_of_a_release_without_the_upper_bounds_hands_its_values_over(
     tmp_path: Path,
 ) -> None:

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -292,8 +293,25 @@ class TimeoutsSection(_Section):
     # is cut this long after its close if its peer has not taken them all (a
     # bound on the whole flush, not HAProxy's inactivity timeout client-fin /
     # server-fin); net.proxy.CLOSE_FLUSH_TIMEOUT. A TLS side's close waits this
-    # long when it is above tls_socket.CLOSE_TIMEOUT (10 s).
+    # long when it is above tls_socket.CLOSE_TIMEOUT (10 s). At most `tunnel`:
+    # a side whose peer reads nothing is a call with no bytes either way, which
+    # is not held past `tunnel` while both are open (`_close_flush_within_tunnel`).
     close_flush: Seconds = 10.0
+
+    @field_validator("close_flush")
+    @classmethod
+    def _close_flush_within_tunnel(cls, value: float, info: ValidationInfo) -> float:
+        # 10000 meant as milliseconds held every unread close's buffers for 2.8 hours.
+        tunnel = info.data.get("tunnel")
+        if tunnel is not None and value > tunnel:
+            raise ValueError(
+                f"must be at most timeouts.tunnel, {tunnel:g} seconds (got {value:g}): it "
+                "bounds how long a closing side waits for its peer to read, and a call "
+                "with no bytes either way is closed after timeouts.tunnel; a flush takes "
+                "seconds (the default is 10): write seconds, not milliseconds, or raise "
+                "timeouts.tunnel"
+            )
+        return value
 
     def old_generation_drain(self) -> float:
         """Seconds an upgrade's old generation keeps its calls before closing
@@ -638,9 +656,21 @@ def _within_bounds(data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(values, dict):
             continue
         value = values.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > bound:
+        if _number(value) and value > bound:
             data[section] = {**values, key: bound}
+    # timeouts.close_flush is at most timeouts.tunnel since session 45: one above
+    # it, handed by an earlier release's supervisor, is read as the tunnel's.
+    timeouts = data.get("timeouts")
+    if isinstance(timeouts, dict):
+        flush = timeouts.get("close_flush")
+        tunnel = timeouts.get("tunnel", TimeoutsSection.model_fields["tunnel"].default)
+        if _number(flush) and _number(tunnel) and 0 < tunnel < flush:
+            data["timeouts"] = {**timeouts, "close_flush": tunnel}
     return data
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # The variables Kubernetes sets in each pod for a Service named fleet-ingress (the

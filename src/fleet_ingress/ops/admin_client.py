@@ -659,9 +659,14 @@ def _dash(value: Any) -> str:
 
 # -- upgrade -----------------------------------------------------------------------
 
-# The trial run (90 s at most: niced, on a busy host), the re-execution, the
-# table's rebuild (5 s at most) and the new workers' start (30 s at most), with room.
+# The re-execution, the table's rebuild (5 s at most) and the new workers' start
+# (30 s at most), with room, after the trial run: that one is waited on for as long
+# as the supervisor says it makes progress (it gives it up itself: its CPU time,
+# 600 s at most; service.upgrade.TrialProgress). A release that does not say: from
+# the start (its trial: 90 s at most).
 UPGRADE_TIMEOUT = 180.0
+# How often the trial's progress is printed while it runs (niced, on a busy host).
+UPGRADE_TRIAL_SAY_EVERY = 15.0
 UPGRADE_POLL = 0.2
 # The supervisor's admin socket is kept over its exec, so it answers again
 # within a second or so; this long without an answer means it is gone.
@@ -683,9 +688,11 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
         flush=True,
     )
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + UPGRADE_TIMEOUT
+    began = loop.time()
+    deadline = began + UPGRADE_TIMEOUT
     last_answer = loop.time()
     said = body["state"]
+    trial_told = trial_seen = 0.0
     while loop.time() < deadline:
         await asyncio.sleep(UPGRADE_POLL)
         try:
@@ -715,6 +722,19 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
                 file=sys.stderr,
             )
             return 1
+        trial = ours.get("trial") if ours["state"] == "checking" else None
+        if isinstance(trial, dict) and trial.get("wall_s", 0) > trial_seen:
+            trial_seen = trial["wall_s"]
+            deadline = max(deadline, loop.time() + UPGRADE_TIMEOUT)
+            if trial_seen >= trial_told + UPGRADE_TRIAL_SAY_EVERY:
+                trial_told = trial_seen
+                print(
+                    f"upgrade {upgrade_id}: trial run still running, {trial_seen:.0f}s "
+                    f"({trial.get('cpu_s', 0):.1f}s of CPU): niced behind the calls, the host "
+                    "is busy...",
+                    file=out,
+                    flush=True,
+                )
         if ours["state"] != said:
             said = ours["state"]
             if said not in ("done", "failed"):
@@ -742,7 +762,7 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
             )
             return 1
     print(
-        f"fleet-ingress: upgrade {upgrade_id}: no outcome within {UPGRADE_TIMEOUT:g}s (last "
+        f"fleet-ingress: upgrade {upgrade_id}: no outcome within {loop.time() - began:.0f}s (last "
         f"state: {said}); `fleet-ingress stat` shows the generation serving",
         file=sys.stderr,
     )

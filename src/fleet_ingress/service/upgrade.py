@@ -4,8 +4,9 @@ sequence").
 
 - `trial_run`: before re-executing, the code installed now is started in a
   child process (every module of the package imported, then `check -c
-  CONFIG`), bounded in time. An `execve` of a broken install would take the
-  supervisor, and with it the service, down; a failed trial costs nothing.
+  CONFIG`), judged by its progress (`TrialProgress`). An `execve` of a broken
+  install would take the supervisor, and with it the service, down; a failed
+  trial costs nothing.
 - The supervisor's state over the exec: what is not in the kernel's sockets
   (the fleets' health, capacity estimate and admin states, the counters that
   must not reset, the workers' last reports, the generation and the upgrade's
@@ -47,7 +48,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
-from fleet_ingress.net.late_timers import PatientDeadline, patient_timeout
+from fleet_ingress.net.late_timers import PatientDeadline
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
@@ -64,10 +65,26 @@ REEXEC_READ_PATIENCE = 10.0
 REEXEC_READ_EVERY = 0.2
 
 STATE_VERSION = 1
-# Importing the whole package and checking the config takes about a second of
-# CPU; niced (TRIAL_NICE) on a host whose cores are busy it gets a tenth of
-# one: 12-30 s measured beside one or two busy processes on its core.
-TRIAL_TIMEOUT = 90.0
+# The trial is judged by its own CPU time (/proc), not the wall clock: niced
+# (TRIAL_NICE) on a busy host it waits for what the calls leave, and a wall
+# bound refused sound installs there (the upgrade audit of session 45: 0.38 s
+# of CPU with the install's .pyc files, 0.62 s with the package compiled from
+# source, 1.3 s with nothing compiled; beside a busy loop on each of 2 cores
+# 27-41 s of wall time for 0.65-1.0 s of CPU, 3.7 s un-niced; session 44 saw
+# 92 s beside the upgrade tests).
+# More CPU than TRIAL_CPU_LIMIT: the install spins (an import in a loop).
+TRIAL_CPU_LIMIT = 30.0
+# No CPU at all for TRIAL_STALL_LIMIT: it waits on something that does not come
+# (a lock, a hung mount, a resolver that never answers); a niced process on a
+# busy host still gets its share (a few ms a second at load 50). Its own waits:
+# check's lookups of the fleets (2 s at most) and its ask of this supervisor (2 s).
+TRIAL_STALL_LIMIT = 60.0
+# Whatever its progress, a trial still running after this is given up: the
+# host cannot spare it a second of CPU in ten minutes.
+TRIAL_WALL_LIMIT = 600.0
+# How often its CPU time is read, and its progress told (the log, `upgrade`).
+TRIAL_POLL = 1.0
+TRIAL_SAY_EVERY = 15.0
 # The trial run's niceness: calls first (it is a check, not a server).
 TRIAL_NICE = 10
 # What of the trial's output goes into the error `upgrade` prints.
@@ -176,10 +193,83 @@ class TrialFailed(Exception):
         self.cause = cause
 
 
-async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> TrialPassed:
+class TrialProgress:
+    """The verdict on a trial run as it runs, from its CPU time read every
+    TRIAL_POLL (I/O-free: given the wall time passed and the CPU time read).
+    A sound install needs about a second of CPU however long the host makes
+    it wait for one; what it is refused for is spinning (TRIAL_CPU_LIMIT),
+    waiting on nothing that comes (no CPU at all for TRIAL_STALL_LIMIT), or,
+    whatever its progress, TRIAL_WALL_LIMIT."""
+
+    def __init__(
+        self,
+        *,
+        cpu_limit: float = TRIAL_CPU_LIMIT,
+        stall_limit: float = TRIAL_STALL_LIMIT,
+        wall_limit: float = TRIAL_WALL_LIMIT,
+    ) -> None:
+        self.cpu_limit = cpu_limit
+        self.stall_limit = stall_limit
+        self.wall_limit = wall_limit
+        self.wall = 0.0  # seconds it has run
+        self.cpu = 0.0  # seconds of CPU it used
+        self.idle = 0.0  # seconds since its CPU time last grew
+
+    def observe(self, step: float, cpu: float) -> str | None:
+        """`step` seconds more, `cpu` seconds of CPU used by now: why it is
+        given up (what to say after "the trial run "), or None."""
+        self.wall += step
+        if cpu > self.cpu:
+            self.cpu, self.idle = cpu, 0.0
+        else:
+            self.idle += step
+        if self.cpu > self.cpu_limit:
+            return (
+                f"used {self.cpu:.1f}s of CPU, more than the {self.cpu_limit:g}s it may "
+                "(a sound install needs about a second): it spins"
+            )
+        if self.idle >= self.stall_limit:
+            return (
+                f"used no CPU for {self.idle:.0f}s ({self.cpu:.1f}s in all): it waits on "
+                "something that does not come"
+            )
+        if self.wall >= self.wall_limit:
+            return (
+                f"did not finish within {self.wall_limit:g}s ({self.cpu:.1f}s of CPU used: "
+                "the host left it little)"
+            )
+        return None
+
+    def said(self) -> dict[str, float]:
+        """Its progress as the upgrade's status carries it (`upgrade` prints it)."""
+        return {"wall_s": round(self.wall, 1), "cpu_s": round(self.cpu, 2)}
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(pid: int) -> float | None:
+    """Seconds of CPU process `pid` and the children it reaped used (/proc's
+    utime, stime, cutime, cstime); None when there is no such process."""
+    fields = _proc_stat(pid)
+    if len(fields) <= 14:
+        return None
+    return sum(int(tick) for tick in fields[11:15]) / _CLOCK_TICKS
+
+
+async def trial_run(
+    config_path: Path,
+    *,
+    cpu_limit: float = TRIAL_CPU_LIMIT,
+    stall_limit: float = TRIAL_STALL_LIMIT,
+    wall_limit: float = TRIAL_WALL_LIMIT,
+    progress: Callable[[TrialProgress], object] | None = None,
+) -> TrialPassed:
     """Run the code installed now (`sys.executable`, this environment) the way
     the re-executed supervisor and its workers will: returns what `check`
-    said and the call tables it reads, or raises TrialFailed."""
+    said and the call tables it reads, or raises TrialFailed. Judged by
+    `TrialProgress` with these limits, told to `progress` at each reading of
+    its CPU time."""
     env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_TRIAL}
     env["FLEET_INGRESS_STATE_VERSION"] = str(STATE_VERSION)
     proc = await asyncio.create_subprocess_exec(
@@ -192,21 +282,39 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> Tri
         stderr=asyncio.subprocess.STDOUT,
         env=env,
     )
+    judge = TrialProgress(cpu_limit=cpu_limit, stall_limit=stall_limit, wall_limit=wall_limit)
+    answered = asyncio.ensure_future(proc.communicate())
+    loop = asyncio.get_running_loop()
+    last = loop.time()
     try:
-        # Patient (net.late_timers): a trial that answered during a stall of
-        # this process is read, not said to have run out of time.
-        async with patient_timeout(timeout):
-            output, _ = await proc.communicate()
-    except TimeoutError:
+        while not answered.done():
+            await asyncio.wait((answered,), timeout=TRIAL_POLL)
+            if answered.done() or (cpu := cpu_used(proc.pid)) is None:
+                continue  # it ended: its output is read
+            now = loop.time()
+            step, last = now - last, now
+            # This process did not run meanwhile (a paused VM, a stopped
+            # supervisor): neither did the trial's judge; that time is not the
+            # trial's, and the pipe is read before it is judged again.
+            stalled = step > TRIAL_POLL + 1.0
+            why = judge.observe(TRIAL_POLL if stalled else step, cpu)
+            if progress is not None:
+                progress(judge)
+            if why is not None and not stalled:
+                raise TrialFailed(
+                    f"the installed code's trial run ({sys.executable} importing fleet_ingress "
+                    f"and checking {config_path}) {why}; abandoned, the running generation "
+                    f"serves on: run `fleet-ingress check -c {config_path}` by hand (it "
+                    "takes a second or two of CPU) to see what holds it, then `fleet-ingress "
+                    "upgrade` again"
+                )
+    except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
+        answered.cancel()
         await proc.wait()
-        raise TrialFailed(
-            f"the installed code did not finish its trial run ({sys.executable} importing "
-            f"fleet_ingress and checking {config_path}) within {timeout:g}s; the host may be "
-            "overloaded or the install broken: run `fleet-ingress check -c "
-            f"{config_path}` by hand, then `fleet-ingress upgrade` again"
-        ) from None
+        raise
+    output, _ = answered.result()
     lines = output.decode("utf-8", "replace").strip().splitlines()
     imported = TRIAL_CODE_IMPORTED in lines
     table_sizes = _table_sizes(lines[: lines.index(TRIAL_CODE_IMPORTED)] if imported else [])

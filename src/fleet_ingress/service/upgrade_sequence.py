@@ -76,10 +76,12 @@ from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.store_keeping import StoreTakenUp
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
 from fleet_ingress.service.upgrade import (
+    TRIAL_SAY_EVERY,
     UPGRADE_STATE,
     AdoptedProcess,
     RunningJson,
     TrialFailed,
+    TrialProgress,
     fleets_to_json,
     monotonic_of,
     removing_specs,
@@ -489,7 +491,9 @@ class UpgradeSequence:
     async def _trial_then_exec(self, status: dict[str, Any]) -> None:
         supervisor = self.supervisor
         try:
-            passed = await trial_run(supervisor.config_path)
+            passed = await trial_run(
+                supervisor.config_path, progress=lambda judge: self._trial_said(status, judge)
+            )
         except TrialFailed as exc:
             self._upgrade_failed(status, str(exc), cause=exc.cause)
             return
@@ -506,6 +510,22 @@ class UpgradeSequence:
             # (the supervisor-crash audit of session 26).
             log.exception("upgrade: broke after its trial run")
             self._upgrade_failed(status, f"the upgrade broke after its trial run: {exc!r}")
+
+    def _trial_said(self, status: dict[str, Any], judge: TrialProgress) -> None:
+        """The trial's progress in the status `upgrade` polls (it prints it and
+        waits on while the trial makes some), and every TRIAL_SAY_EVERY in the
+        log and to systemd: a niced trial on a busy host takes its time."""
+        told = status["trial"]["wall_s"] if status.get("trial") else 0.0
+        status["trial"] = judge.said()
+        if judge.wall // TRIAL_SAY_EVERY <= told // TRIAL_SAY_EVERY:
+            return
+        log.info(
+            "upgrade: trial run still running (niced behind the calls: the host is busy)",
+            extra=fields(upgrade=status["id"], **status["trial"]),
+        )
+        self._notify(
+            f"STATUS=upgrading: trial run, {judge.wall:.0f}s ({judge.cpu:.1f}s of CPU) so far"
+        )
 
     async def _after_trial(self, status: dict[str, Any], checked: str) -> None:
         """From the trial run passed to the exec, or why not."""
