@@ -95,7 +95,7 @@ class Side(_Key):
     FLEET = "fleet"
 
 
-class Lost(enum.Enum):
+class Lost(_Key):
     """How a side's connection ended."""
 
     CLOSED = "closed"  # by its peer (FIN, TLS close)
@@ -493,13 +493,21 @@ _LOST_REASON = {
         Lost.CLOSED: EndReason.CARRIER_CLOSED,
         Lost.GONE: EndReason.CARRIER_LOST,
         Lost.RESET: EndReason.CARRIER_RESET,
+        Lost.ERROR: EndReason.ERROR,
     },
     Side.FLEET: {
         Lost.CLOSED: EndReason.FLEET_CLOSED,
         Lost.GONE: EndReason.FLEET_LOST,
         Lost.RESET: EndReason.FLEET_RESET,
+        Lost.ERROR: EndReason.ERROR,
     },
 }
+# The ends whose access line says what failed (a side's error, a peer that
+# stopped reading), from the loss's `why`. Made once: a tuple spelt in
+# `_end_lost` was made at each loss, its members looked up on the class (Enum
+# class attributes go through EnumType.__getattr__'s hook, ~1k instructions
+# each in Python 3.11), twice a call.
+_LOSS_TOLD = frozenset({EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST})
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
 # What a side still open is told, by why a tunnel ended, when no side sent a
 # close frame: 1001 (going away) for the ingress's own ends and for a carrier
@@ -748,15 +756,14 @@ class CallMachine:
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
-        told = reason in (EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST)
-        if self.end_reason is None and told and event.why:
+        if self.end_reason is None and reason in _LOSS_TOLD and event.why:
             self.error_text = f"{side.value}: {event.why}"
         self._end(reason)
 
     def _lost_reason(self, side: Side, how: Lost) -> EndReason:
         if self.hung_up_by is not None:
             return self.hung_up_by
-        return _LOST_REASON[side].get(how, EndReason.ERROR)
+        return _LOST_REASON[side][how]
 
     # HEAD and PARSING ------------------------------------------------------
 
