@@ -51,7 +51,7 @@ class _Key(enum.Enum):
     __hash__ = object.__hash__
 
 
-class EndReason(enum.Enum):
+class EndReason(_Key):
     CARRIER_CLOSED = "carrier closed"
     FLEET_CLOSED = "fleet closed"
     TIMEOUT = "timeout"  # tunnel idle past timeouts.tunnel
@@ -95,7 +95,7 @@ class Side(_Key):
     FLEET = "fleet"
 
 
-class Lost(enum.Enum):
+class Lost(_Key):
     """How a side's connection ended."""
 
     CLOSED = "closed"  # by its peer (FIN, TLS close)
@@ -434,16 +434,27 @@ Commands: TypeAlias = list[Command]
 
 # The commands and events that carry nothing of one call's, made once and
 # shared (frozen): a frozen dataclass's __init__ is a Python call setting each
-# field through object.__setattr__, 1-4k instructions, a dozen a call
-# (callgrind, session 43).
+# field through object.__setattr__, 3-4k instructions (callgrind, session 45),
+# and a churned call made sixteen (the timers' are made once per CallRules).
 _CANCEL = {timer: CancelTimer(timer) for timer in Timer}
 _CLOSE = {side: CloseSide(side) for side in Side}
+_CALL_ENDED = {reason: CallEnded(reason) for reason in EndReason}
 _PARSE_HEAD = ParseHead()
 _SEND_HEAD = SendHead()
 _RELEASE_SLOT = ReleaseSlot()
 _SIDES_GONE = SidesGone()
-HEAD_COMPLETE = HeadComplete()  # for the pump (net/proxy.py)
+_TAKE_ANY_SLOT = TakeSlot(())  # a first attempt's: no fleet to avoid yet
+_LINK = Link(101)
+_HALF_CLOSED_GRACE = StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+_GOODBYE_REPLY_WAIT = StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT)
+# For the pump (net/proxy.py): the common events that carry nothing of a call's.
+HEAD_COMPLETE = HeadComplete()
 FLEET_CONNECTED = FleetConnected()
+FLEET_SWITCHED = FleetHead(101, switched=True)  # a 101, a WebSocket's tunnel
+CARRIER_CLOSE_FRAME = CloseFrameSeen(Side.CARRIER)
+FLEET_CLOSE_FRAME = CloseFrameSeen(Side.FLEET)
+CARRIER_CLOSED = CarrierLost(Lost.CLOSED)  # its peer closed it (no error)
+FLEET_CLOSED = FleetLost(Lost.CLOSED)
 
 
 class IllegalEvent(Exception):
@@ -462,6 +473,19 @@ class CallRules:
     request_timeout: float
     connect_timeout: float
     response_timeout: float
+    # The StartTimer commands of these timeouts, made once (shared by every call).
+    request_timer: StartTimer = field(init=False, repr=False, compare=False)
+    connect_timer: StartTimer = field(init=False, repr=False, compare=False)
+    response_timer: StartTimer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        timers = (
+            ("request_timer", Timer.REQUEST, self.request_timeout),
+            ("connect_timer", Timer.CONNECT, self.connect_timeout),
+            ("response_timer", Timer.RESPONSE, self.response_timeout),
+        )
+        for name, timer, seconds in timers:
+            object.__setattr__(self, name, StartTimer(timer, seconds))
 
 
 _LOST_REASON = {
@@ -469,13 +493,21 @@ _LOST_REASON = {
         Lost.CLOSED: EndReason.CARRIER_CLOSED,
         Lost.GONE: EndReason.CARRIER_LOST,
         Lost.RESET: EndReason.CARRIER_RESET,
+        Lost.ERROR: EndReason.ERROR,
     },
     Side.FLEET: {
         Lost.CLOSED: EndReason.FLEET_CLOSED,
         Lost.GONE: EndReason.FLEET_LOST,
         Lost.RESET: EndReason.FLEET_RESET,
+        Lost.ERROR: EndReason.ERROR,
     },
 }
+# The ends whose access line says what failed (a side's error, a peer that
+# stopped reading), from the loss's `why`. Made once: a tuple spelt in
+# `_end_lost` was made at each loss, its members looked up on the class (Enum
+# class attributes go through EnumType.__getattr__'s hook, ~1k instructions
+# each in Python 3.11), twice a call.
+_LOSS_TOLD = frozenset({EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST})
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
 # What a side still open is told, by why a tunnel ended, when no side sent a
 # close frame: 1001 (going away) for the ingress's own ends and for a carrier
@@ -627,7 +659,7 @@ class CallMachine:
 
     def start(self) -> Commands:
         """The carrier is connected (its TLS handshake done): the head may come."""
-        return [StartTimer(Timer.REQUEST, self.rules.request_timeout)]
+        return [self.rules.request_timer]
 
     def feed(self, event: Event) -> Commands:
         handler = self.TRANSITIONS[self.state].get(type(event))
@@ -657,7 +689,7 @@ class CallMachine:
         503's text comes after its reason)."""
         assert self.end_reason is not None
         self.end_said = True
-        self._emit(CallEnded(self.end_reason))
+        self._emit(_CALL_ENDED[self.end_reason])
 
     def _emit(self, *commands: Command) -> None:
         out = self._out
@@ -709,7 +741,7 @@ class CallMachine:
         retried on one fleet (`retry.retries` has no maximum) would otherwise
         send the supervisor an avoid list as long as its attempts."""
         self.state = State.LEASING
-        self._emit(TakeSlot(tuple(dict.fromkeys(self.tried))))
+        self._emit(TakeSlot(tuple(dict.fromkeys(self.tried))) if self.tried else _TAKE_ANY_SLOT)
 
     def _gone_if_both(self) -> None:
         """The call ends once neither side is open."""
@@ -724,15 +756,14 @@ class CallMachine:
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
-        told = reason in (EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST)
-        if self.end_reason is None and told and event.why:
+        if self.end_reason is None and reason in _LOSS_TOLD and event.why:
             self.error_text = f"{side.value}: {event.why}"
         self._end(reason)
 
     def _lost_reason(self, side: Side, how: Lost) -> EndReason:
         if self.hung_up_by is not None:
             return self.hung_up_by
-        return _LOST_REASON[side].get(how, EndReason.ERROR)
+        return _LOST_REASON[side][how]
 
     # HEAD and PARSING ------------------------------------------------------
 
@@ -790,10 +821,7 @@ class CallMachine:
         self.fleet = fleet
         self.tried.append(fleet.name)
         self.state = State.CONNECTING
-        self._emit(
-            ConnectFleet(fleet, self.attempt),
-            StartTimer(Timer.CONNECT, self.rules.connect_timeout),
-        )
+        self._emit(ConnectFleet(fleet, self.attempt), self.rules.connect_timer)
 
     def _slot_refused(self, event: Event) -> None:
         assert isinstance(event, SlotRefused)
@@ -805,11 +833,7 @@ class CallMachine:
     def _fleet_connected(self, event: Event) -> None:
         self.fleet_open = True
         self.state = State.AWAITING
-        self._emit(
-            _CANCEL[Timer.CONNECT],
-            _SEND_HEAD,
-            StartTimer(Timer.RESPONSE, self.rules.response_timeout),
-        )
+        self._emit(_CANCEL[Timer.CONNECT], _SEND_HEAD, self.rules.response_timer)
 
     def _connect_failed(self, event: Event) -> None:
         assert isinstance(event, FleetConnectFailed)
@@ -927,7 +951,7 @@ class CallMachine:
         if event.switched:
             self.state = State.TUNNEL
             fleet.calls_total += 1
-            self._emit(Link(event.status))
+            self._emit(_LINK)  # switched: a 101
         else:
             self.state = State.RELAYING
             self._end(EndReason.REFUSED)
@@ -1006,7 +1030,7 @@ class CallMachine:
             return
         self._end(self._lost_reason(event.side, Lost.CLOSED))
         self.state = State.HALF_CLOSED
-        self._emit(StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE))
+        self._emit(_HALF_CLOSED_GRACE)
         if event.side is Side.FLEET:
             # The bot hung up and is done (its close frame, then its FIN or
             # close_notify): the fleet's capacity is free now (SPEC 4), not
@@ -1076,7 +1100,7 @@ class CallMachine:
         self._end(self.hung_up_by)
         self.state = State.HALF_CLOSED
         self.reply_waited_for = True
-        self._emit(StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT))
+        self._emit(_GOODBYE_REPLY_WAIT)
         return True
 
     def _carrier_lost_linked(self, event: Event) -> None:

@@ -41,7 +41,12 @@ from typing import Any, cast
 from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.call_machine import (
+    CARRIER_CLOSE_FRAME,
+    CARRIER_CLOSED,
+    FLEET_CLOSE_FRAME,
+    FLEET_CLOSED,
     FLEET_CONNECTED,
+    FLEET_SWITCHED,
     GOODBYE_REPLY_WAIT,
     HEAD_COMPLETE,
     AbortSide,
@@ -52,7 +57,6 @@ from fleet_ingress.core.call_machine import (
     CancelSlotWait,
     CancelTimer,
     CarrierLost,
-    CloseFrameSeen,
     CloseSide,
     Command,
     ConnectFleet,
@@ -595,7 +599,7 @@ class CarrierProtocol(_Side):
     def say_close_frame(self) -> None:
         if self.saying_goodbye:
             self.goodbye_replied()
-        self.feed(CloseFrameSeen(Side.CARRIER))
+        self.feed(CARRIER_CLOSE_FRAME)
 
     def eof_received(self) -> bool:
         if self.peer is None or not _ended_cleanly(self.transport):
@@ -607,7 +611,8 @@ class CarrierProtocol(_Side):
         super().connection_lost(exc)
         self._stop_early_look()
         self.ctx.registry.connections.discard(self)
-        self.feed(CarrierLost(*_lost(exc or self.given_up)))
+        exc = exc or self.given_up
+        self.feed(CARRIER_CLOSED if exc is None else CarrierLost(*_lost(exc)))
         if self.call is None:
             # Protocol, transport, TLS state and timers point at each other: left
             # as cycles, every refused connection waits for the cyclic collector, whose
@@ -1363,7 +1368,7 @@ class FleetProtocol(_Side):
             assert head is not None
             self._head_read = True
             self.pause_reading()
-            self.pump.feed(FleetHead(head.status, head.switched))
+            self.pump.feed(FLEET_SWITCHED if head.switched else FleetHead(head.status, False))
         elif len(self._pending) > exchange.max_head_bytes:
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
@@ -1375,7 +1380,7 @@ class FleetProtocol(_Side):
         if self.saying_goodbye:
             self.goodbye_replied()  # its reply to ours: the attempt may be dropped in it
         if self.pump is not None:
-            self.pump.feed(CloseFrameSeen(Side.FLEET))
+            self.pump.feed(FLEET_CLOSE_FRAME)
 
     def _relay_answer(self, peer: asyncio.Transport, exchange: FleetExchange, data: Buffer) -> None:
         """More of a relayed (non-101) answer: up to its end, no further."""
@@ -1414,7 +1419,8 @@ class FleetProtocol(_Side):
             return
         if self.exchange is not None and self.peer_side is not None:  # relaying an answer
             self._relay_progress(Progress.BODY_COMPLETE)
-        pump.feed(FleetLost(*_lost(exc or self.given_up)))
+        exc = exc or self.given_up
+        pump.feed(FLEET_CLOSED if exc is None else FleetLost(*_lost(exc)))
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
         """Relay everything the fleet sent so far and what it sends from now on.
