@@ -22,7 +22,7 @@ is not (callgrind counts user space). Targets::
     python -m bench.message_instructions --out /tmp/mi            # every target
     python -m bench.message_instructions --targets bare-bio@crelay,haproxy --out /tmp/mi
     python -m bench.message_instructions --counter strace --out /tmp/ms
-    python -m bench.message_instructions --targets ingress1p --variant-pythonpath B/src --out /tmp/mb
+    python -m bench.message_instructions --targets ingress1p --variant-pythonpath B/src --out /tmp/m
 
 Prints a table: per message, all instructions, then by shared object (each
 one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
