@@ -22,6 +22,7 @@ is not (callgrind counts user space). Targets::
     python -m bench.message_instructions --out /tmp/mi            # every target
     python -m bench.message_instructions --targets bare-bio@crelay,haproxy --out /tmp/mi
     python -m bench.message_instructions --counter strace --out /tmp/ms
+    python -m bench.message_instructions --targets ingress1p --variant-pythonpath B/src --out /tmp/m
 
 Prints a table: per message, all instructions, then by shared object (each
 one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, nargs=2, default=[10, 60], metavar=("M1", "M2"))
     p.add_argument("--counter", choices=("callgrind", "strace"), default="callgrind")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of one run")
+    p.add_argument(
+        "--variant-pythonpath",
+        help="a src directory first on the counted process's PYTHONPATH (another commit's "
+        "src, `git archive`, compiled: python -m compileall -q DIR)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     targets = args.targets.split(",")
@@ -117,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in targets:
         base, env = TARGETS[name]
         run_args = argparse.Namespace(
-            target=base, counter=args.counter, variant_pythonpath=None, wave=args.calls,
-            max_seconds=args.max_seconds, access=None,
+            target=base, counter=args.counter, variant_pythonpath=args.variant_pythonpath,
+            wave=args.calls, max_seconds=args.max_seconds, access=None,
         )  # fmt: skip
         files = []
         for m in (m1, m2):

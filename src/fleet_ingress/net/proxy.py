@@ -573,14 +573,15 @@ class CarrierProtocol(_Side):
     def data_received(self, data: Buffer) -> None:
         peer = self.peer
         if peer is not None:  # the hot path
-            self.bytes_received += len(data)
+            n = len(data)
+            self.bytes_received += n
             peer.write(data)
             if (tracker := self.tracker) is not None:
-                tracker.feed(data)
+                tracker.feed(data, n)
                 if tracker.closed:
                     self.close_frame_read(data)
                     return
-            if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+            if n <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
         state = self.machine.state
@@ -1328,14 +1329,15 @@ class FleetProtocol(_Side):
             if exchange is not None:  # relaying an answer
                 self._relay_answer(peer, exchange, data)
                 return
-            self.bytes_received += len(data)
+            n = len(data)
+            self.bytes_received += n
             peer.write(data)
             if (tracker := self.tracker) is not None:
-                tracker.feed(data)
+                tracker.feed(data, n)
                 if tracker.closed:
                     self.close_frame_read(data)
                     return
-            if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+            if n <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
         pump = self.pump

