@@ -1806,7 +1806,7 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
         return _socket_failure(sock) or exc
     if exc.errno == errno.ETIMEDOUT:
         # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
-        info = _tcp_info(sock)
+        info = read_tcp_info(sock)
         if _stopped_reading(info, _user_timeout_ms(sock)):
             return PeerStoppedReading()
         return gave_no_answer(info, sock, window_closed_on_unsent(info))
@@ -1815,13 +1815,16 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
 
 def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
-    peer's reset or FIN, nor after a timeout."""
-    info = _tcp_info(sock)
-    return not info or info[:1] == _TCP_ESTABLISHED
-
-
-def _tcp_info(sock: socket.socket) -> bytes:
-    return read_tcp_info(sock)
+    peer's reset or FIN, nor after a timeout. Its TCP_INFO's first byte alone
+    (tcpi_state): asked a few times a call while it is set up (`_read_watched`,
+    `linked`), where the whole of it was copied and read through two calls."""
+    if _TCP_INFO is None:
+        return True
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:  # closed: nothing to say
+        return True
+    return not state or state == _TCP_ESTABLISHED
 
 
 def _socket_failure(sock: socket.socket) -> OSError | None:
@@ -1837,7 +1840,7 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
     not fail: OpenSSL did (a fleet's TLS 1.2 renegotiation under traffic both
     ways, which the TLS audit of session 20 saw logged as the fleet's reset).
     """
-    info = _tcp_info(sock)
+    info = read_tcp_info(sock)
     if info[:1] == _TCP_ESTABLISHED:
         return None
     if _stopped_reading(info, _user_timeout_ms(sock)):
@@ -1849,6 +1852,7 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
 
 # tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
 _TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux
 
 
 def peer_stopped_answering(info: bytes) -> bool:
