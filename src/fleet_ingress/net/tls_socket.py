@@ -1550,13 +1550,13 @@ class SSLObjectOnSocket(ssl.SSLObject):
         self._refuse_if_closed("do_handshake")
         super().do_handshake()
 
-    def unwrap(self) -> None:
+    def unwrap(self) -> Any:
         self._refuse_if_closed("unwrap")
-        super().unwrap()
+        return super().unwrap()
 
-    def verify_client_post_handshake(self) -> None:
+    def verify_client_post_handshake(self) -> Any:
         self._refuse_if_closed("verify_client_post_handshake")
-        super().verify_client_post_handshake()
+        return super().verify_client_post_handshake()
 
 
 @functools.lru_cache(maxsize=1024)
