@@ -5,12 +5,16 @@ once on the listener rather than on every connection (net/listener.py,
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
 import sys
+import time
 
 import pytest
 
 from fleet_ingress.net.liveness import BACKSTOP, TCP_RTO_MAX_MS, TcpLiveness
+from tests.support import NetLab
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket options")
 
@@ -47,7 +51,9 @@ def test_an_accepted_socket_inherits_its_listeners_liveness_options_and_nodelay(
         client, accepted = _accepted(listener)
         try:
             kernel_ms = round((7.5 + BACKSTOP) * 1000)  # the ingress gives up first
-            assert _options(accepted) == (1, kernel_ms, 1, 4, 2, 3)
+            # TCP_KEEPCNT left as the kernel has it: a user timeout ends keepalive
+            # (test_a_user_timeout_not_the_probe_count_ends_a_quiet_connection).
+            assert _options(accepted) == (1, kernel_ms, 1, 4, 2, _options(before)[5])
             assert liveness.inherited_by(accepted)
             assert not liveness.inherited_by(before)
             assert _options(before)[:3] == (0, 0, 0)  # the kernel's defaults
@@ -114,4 +120,38 @@ def test_a_reload_tells_how_many_were_taken_before_the_listener_had_the_new_opti
                 assert new.set_on_listener(listener) == 0
         finally:
             for s in queued + taken:
+                s.close()
+
+
+def test_a_user_timeout_not_the_probe_count_ends_a_quiet_connection(netlab: NetLab) -> None:
+    """What `TcpLiveness` leaving TCP_KEEPCNT unset under a user timeout rests
+    on: Linux's keepalive timer ends a connection with a user timeout set once
+    that long has passed since the peer was last heard (a probe out), and
+    never counts the probes. Here one probe a second after a second idle, and
+    TCP_KEEPCNT 1, which alone would end it 2 s into a blackout: it ends at the
+    kernel's user timeout, 4 s. In a namespace of its own, its loopback
+    blackholed (nftables); bounded by a 10 s socket timeout."""
+    ns = netlab.namespace("keepcnt")
+    listener = netlab.listen(ns, "127.0.0.1", 0)
+    client = netlab.socket_in(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    server = None
+    try:
+        client.settimeout(5)
+        client.connect(listener.getsockname())
+        select.select([listener], [], [], 5)
+        server, _ = listener.accept()
+        TcpLiveness(user_timeout=3.0, keepalive_idle=1, keepalive_interval=1).apply(client)
+        client.setsockopt(TCP, socket.TCP_KEEPCNT, 1)
+        assert client.getsockopt(TCP, socket.TCP_USER_TIMEOUT) == 4000  # BACKSTOP past 3 s
+        netlab.drop_arriving(ns, "lo")
+        started = time.monotonic()
+        client.settimeout(10)
+        with pytest.raises(OSError) as raised:
+            client.recv(1)
+        took = time.monotonic() - started
+        assert raised.value.errno == errno.ETIMEDOUT, raised.value  # the kernel's, not ours
+        assert 3.5 <= took < 8, took
+    finally:
+        for s in (client, server, listener):
+            if s is not None:
                 s.close()

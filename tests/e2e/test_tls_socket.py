@@ -1252,6 +1252,65 @@ async def test_a_bare_fin_is_an_unclean_end(
     assert peer.eof and peer.conn.peer_ended_cleanly is False and peer.exc is None
 
 
+async def test_the_handed_out_ssl_object_does_no_io_once_its_socket_is_closed(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """OpenSSL's socket BIO holds the descriptor's number: after the close, a
+    handshake step or a write through `ssl_object` went to whatever connection
+    had that number then (here another socket, its number made the closed
+    one's with dup2). On main the record reached it; now each raises, and what
+    the object says of the session stays readable."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    tls = conn.ssl_object
+    assert tls is conn.get_extra_info("ssl_object")
+    fd = conn.tcp_socket.fileno()
+    other, other_peer = socket.socketpair()  # made first: not given the number freed
+    conn.abort()
+    os.dup2(other.fileno(), fd)  # the closed connection's number, another connection's now
+    try:
+        for io in (
+            lambda: tls.write(b"to the wrong connection"),
+            tls.do_handshake,
+            tls.unwrap,
+            lambda: tls.read(10),
+        ):
+            with pytest.raises(ValueError, match="closed TLS connection"):
+                io()
+        other_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_peer.recv(100)  # nothing reached the connection now on that number
+        assert tls.version() in ("TLSv1.2", "TLSv1.3") and tls.session is not None
+    finally:
+        os.close(fd)
+        other.close()
+        other_peer.close()
+
+
+async def test_a_failed_handshakes_ssl_object_says_its_context_and_does_no_io(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """What net/fleet_sessions.py reads of a connection whose handshake failed
+    (its context, its session) is still there once its socket is closed;
+    a handshake step through it raises rather than reaching the descriptor."""
+    srv = server()
+    ctx = tls_files.client_context()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.setblocking(False)
+    conn = TLSConnection(
+        asyncio.get_running_loop(),
+        sock,
+        tls_on(sock, ctx, server_side=False, server_hostname="other.test"),
+    )
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await conn.handshake(5)
+    assert conn.closed and sock.fileno() == -1
+    assert conn.ssl_object.context is ctx
+    assert not conn.ssl_object.session_reused and conn.ssl_object.session is not None
+    with pytest.raises(ValueError, match="closed TLS connection"):
+        conn.ssl_object.do_handshake()
+
+
 async def test_last_records_and_a_reset_together_are_read_to_the_reset_and_registering_again_works(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:

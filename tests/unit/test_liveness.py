@@ -19,6 +19,7 @@ from fleet_ingress.net.liveness import (
     TCPI_RTT,
     TCPI_UNACKED,
     TcpLiveness,
+    ThisKernel,
     gave_no_answer,
     given_up_in,
     peer_gone,
@@ -39,6 +40,12 @@ class Recorder:
 TCP, SOL = socket.IPPROTO_TCP, socket.SOL_SOCKET
 
 
+@pytest.fixture(autouse=True)
+def _a_kernel_not_yet_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a test's old kernel refused stays in that test."""
+    monkeypatch.setattr(ThisKernel, "refuses_rto_max", False)
+
+
 def test_defaults_set_user_timeout_and_short_keepalive() -> None:
     sock = Recorder()
     TcpLiveness().apply(sock)
@@ -49,9 +56,45 @@ def test_defaults_set_user_timeout_and_short_keepalive() -> None:
         (SOL, socket.SO_KEEPALIVE): 1,
         (TCP, socket.TCP_KEEPIDLE): 10,
         (TCP, socket.TCP_KEEPINTVL): 5,
-        (TCP, socket.TCP_KEEPCNT): 3,
+        # No TCP_KEEPCNT: with a user timeout Linux never counts the probes.
         (TCP, TCP_RTO_MAX_MS): 2_000,  # retransmissions at most 2 s apart
     }
+
+
+def test_keepalive_probes_are_set_only_where_no_user_timeout_ends_keepalive() -> None:
+    """Linux's keepalive timer ends a connection with a user timeout set by that
+    timeout alone and never reads TCP_KEEPCNT (pinned on a real kernel by
+    tests/e2e/test_listener_options.py): set, it was a system call on every
+    fleet connection for nothing. On main it was set either way."""
+    with_timeout, without = Recorder(), Recorder()
+    TcpLiveness(keepalive_probes=4).apply(with_timeout)
+    TcpLiveness(user_timeout=0, keepalive_probes=4).apply(without)
+    assert (TCP, socket.TCP_KEEPCNT) not in with_timeout.options
+    assert without.options[(TCP, socket.TCP_KEEPCNT)] == 4
+    assert without.options[(TCP, socket.TCP_KEEPIDLE)] == 10
+
+
+def test_a_kernel_without_the_rto_cap_is_asked_for_it_once_a_process() -> None:
+    """Before Linux 6.15 TCP_RTO_MAX_MS is ENOPROTOOPT: asked on each fleet
+    connection, each paid a failed system call, an exception and a debug line
+    (on main: one refusal a connection). Asked once; the other options still
+    set on every socket."""
+    refused: list[int] = []
+
+    class OldKernel(Recorder):
+        def setsockopt(self, level: int, name: int, value: int) -> None:
+            if name == TCP_RTO_MAX_MS:
+                refused.append(name)
+                raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+            super().setsockopt(level, name, value)
+
+    liveness = TcpLiveness()
+    socks = [OldKernel() for _ in range(3)]
+    for sock in socks:
+        liveness.apply(sock)
+    assert len(refused) == 1
+    assert all(sock.options[(TCP, socket.TCP_USER_TIMEOUT)] == 21_000 for sock in socks)
+    assert ThisKernel.refuses_rto_max
 
 
 def test_an_rto_cap_only_with_a_user_timeout_and_a_kernel_refusing_it_keeps_the_rest() -> None:
@@ -69,7 +112,7 @@ def test_an_rto_cap_only_with_a_user_timeout_and_a_kernel_refusing_it_keeps_the_
     old = OldKernel()
     TcpLiveness().apply(old)
     assert old.options[(TCP, socket.TCP_USER_TIMEOUT)] == 21_000
-    assert old.options[(TCP, socket.TCP_KEEPCNT)] == 3
+    assert old.options[(TCP, socket.TCP_KEEPINTVL)] == 5
 
 
 def test_zero_leaves_an_option_to_the_kernel() -> None:

@@ -70,6 +70,13 @@ _GONE_ERRNOS = frozenset(
 )
 
 
+class ThisKernel:
+    """What the running kernel was found to lack, once a process (it does not
+    change under a running process)."""
+
+    refuses_rto_max = False  # TCP_RTO_MAX_MS: ENOPROTOOPT before Linux 6.15
+
+
 @dataclass(frozen=True)
 class TcpLiveness:
     """Seconds (0 turns an option off) and the probes keepalive sends."""
@@ -95,11 +102,18 @@ class TcpLiveness:
             options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms))
         if self.keepalive_idle > 0:
             options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
-            for name, value in (
+            keepalive = [
                 ("TCP_KEEPIDLE", _whole_seconds(self.keepalive_idle)),
                 ("TCP_KEEPINTVL", _whole_seconds(self.keepalive_interval)),
-                ("TCP_KEEPCNT", self.keepalive_probes),
-            ):
+            ]
+            if user_timeout_ms is None:
+                # With a user timeout set, Linux's keepalive timer ends a
+                # connection by it alone (tcp_keepalive_timer) and never counts
+                # the probes: TCP_KEEPCNT would be a system call a fleet
+                # connection for nothing (pinned in a namespace by
+                # tests/e2e/test_listener_options.py).
+                keepalive.append(("TCP_KEEPCNT", self.keepalive_probes))
+            for name, value in keepalive:
                 if hasattr(socket, name):
                     options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
         rto_max = None
@@ -118,10 +132,15 @@ class TcpLiveness:
         except OSError as exc:
             log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
             return
-        if self._rto_max is not None:
+        if self._rto_max is not None and not ThisKernel.refuses_rto_max:
             try:
                 sock.setsockopt(*self._rto_max)
             except OSError as exc:  # before Linux 6.15: blackouts past ~12 s end calls
+                if exc.errno == errno.ENOPROTOOPT:
+                    # The kernel has no such option: asked once a process, not
+                    # again on each fleet connection (a failed system call, an
+                    # exception and this line each).
+                    ThisKernel.refuses_rto_max = True
                 log.debug("tcp rto max not set", extra=fields(error=repr(exc)))
 
     def _kernel_ms(self) -> int:

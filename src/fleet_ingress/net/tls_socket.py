@@ -297,7 +297,7 @@ class TLSConnection:
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        ssl_object: ssl.SSLObject,
+        ssl_object: SSLObjectOnSocket,
         *,
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
@@ -479,7 +479,7 @@ class TLSConnection:
         return self._loop
 
     @property
-    def ssl_object(self) -> ssl.SSLObject:
+    def ssl_object(self) -> SSLObjectOnSocket:
         """For version(), cipher(), selected_alpn_protocol(), getpeercert(), session."""
         return self._ssl_object
 
@@ -1109,6 +1109,7 @@ class TLSConnection:
         self._timer = self._close_timer = None
         self._sync_io()  # unregister before the descriptor can be reused
         self._sock.close()
+        self._ssl_object.socket_closed = True  # no I/O through it on a reused number
         self._out = None
         self._more = bytearray()
         handler, self._handler = self._handler, None
@@ -1520,6 +1521,50 @@ if (_MISSING := cpython_ssl_missing()) is not None:
     raise RuntimeError(_MISSING)
 
 
+class SSLObjectOnSocket(ssl.SSLObject):
+    """The ``ssl.SSLObject`` `tls_on` makes, which its connection hands out
+    (`TLSConnection.ssl_object`, ``get_extra_info("ssl_object")``). OpenSSL's
+    socket BIO holds the descriptor's number, not the socket: once the
+    connection has closed its socket that number may be another connection's,
+    and a handshake step or a write through this object went there (session
+    44's review: a ClientHello on another carrier's connection). After
+    `socket_closed` is set (`TLSConnection` sets it as it closes the socket)
+    its I/O raises ValueError, as a closed ``ssl.SSLSocket``'s does; what it
+    says of the connection (context, session, version, cipher, certificate)
+    it still says: net/fleet_sessions.py reads a failed handshake's context.
+    The connection itself calls the C object under it (``_sslobj``), never
+    these methods."""
+
+    socket_closed = False
+
+    def _refuse_if_closed(self, what: str) -> None:
+        if self.socket_closed:
+            raise ValueError(
+                f"{what} on a closed TLS connection: its socket is closed, and its"
+                " descriptor's number may be another connection's now"
+            )
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:  # the base class names it len
+        self._refuse_if_closed("read")
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        self._refuse_if_closed("write")
+        return super().write(data)
+
+    def do_handshake(self) -> None:
+        self._refuse_if_closed("do_handshake")
+        super().do_handshake()
+
+    def unwrap(self) -> Any:
+        self._refuse_if_closed("unwrap")
+        return super().unwrap()
+
+    def verify_client_post_handshake(self) -> Any:
+        self._refuse_if_closed("verify_client_post_handshake")
+        return super().verify_client_post_handshake()
+
+
 @functools.lru_cache(maxsize=1024)
 def _ascii_hostname(server_hostname: str) -> str:
     """As ``SSLContext._encode_hostname``: IDNA, whose codec is Python's own
@@ -1534,7 +1579,7 @@ def tls_on(
     server_side: bool,
     server_hostname: str | None = None,
     session: ssl.SSLSession | None = None,
-) -> ssl.SSLObject:
+) -> SSLObjectOnSocket:
     """OpenSSL's connection on the connected, non-blocking TCP socket `sock` (a
     socket BIO: OpenSSL reads and writes the descriptor), its handshake not
     started, as the ``ssl.SSLObject`` asyncio's transports give as
@@ -1553,7 +1598,8 @@ def tls_on(
     if sock.gettimeout() != 0.0:  # OpenSSL's BIO is made blocking or not now, for good
         raise ValueError("TLS on a socket needs it non-blocking first")
     hostname = None if server_hostname is None else _ascii_hostname(server_hostname)
-    tls = object.__new__(ssl.SSLObject)  # SSLObject() refuses: the constructor is private
+    # SSLObject() refuses: the constructor is private.
+    tls = object.__new__(SSLObjectOnSocket)
     tls._sslobj = ctx._wrap_socket(  # type: ignore[attr-defined]
         sock, server_side, hostname, owner=tls, session=session
     )
@@ -1766,7 +1812,7 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
         return _socket_failure(sock) or exc
     if exc.errno == errno.ETIMEDOUT:
         # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
-        info = _tcp_info(sock)
+        info = read_tcp_info(sock)
         if _stopped_reading(info, _user_timeout_ms(sock)):
             return PeerStoppedReading()
         return gave_no_answer(info, sock, window_closed_on_unsent(info))
@@ -1775,13 +1821,16 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
 
 def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
-    peer's reset or FIN, nor after a timeout."""
-    info = _tcp_info(sock)
-    return not info or info[:1] == _TCP_ESTABLISHED
-
-
-def _tcp_info(sock: socket.socket) -> bytes:
-    return read_tcp_info(sock)
+    peer's reset or FIN, nor after a timeout. Its TCP_INFO's first byte alone
+    (tcpi_state): asked a few times a call while it is set up (`_read_watched`,
+    `linked`), where the whole of it was copied and read through two calls."""
+    if _TCP_INFO is None:
+        return True
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:  # closed: nothing to say
+        return True
+    return not state or state == _TCP_ESTABLISHED
 
 
 def _socket_failure(sock: socket.socket) -> OSError | None:
@@ -1797,7 +1846,7 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
     not fail: OpenSSL did (a fleet's TLS 1.2 renegotiation under traffic both
     ways, which the TLS audit of session 20 saw logged as the fleet's reset).
     """
-    info = _tcp_info(sock)
+    info = read_tcp_info(sock)
     if info[:1] == _TCP_ESTABLISHED:
         return None
     if _stopped_reading(info, _user_timeout_ms(sock)):
@@ -1809,6 +1858,7 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
 
 # tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
 _TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux
 
 
 def peer_stopped_answering(info: bytes) -> bool:
