@@ -1634,22 +1634,12 @@ async def test_a_recorded_calls_logged_rides_its_release_one_write_for_the_two(a
     call with no record (the table full) is told at once, as before. A
     recorded call whose release does not come is told "logged" ANSWERS_FLUSH
     after. Before, every "logged" went at once: "logged", then "release"."""
-    from fleet_ingress.net.call_table_map import CallTableWriter, make_table
-
     h = asked_host(maxconn=3)
     w1 = await h.worker()
     (key,) = [row.worker for row in h.slots.workers]
-    read: list[tuple[str, object]] = []
-    handle = h.server._handle
-
-    def seen(channel, message):
-        read.append((message["op"], message.get("id")))
-        handle(channel, message)
-
-    h.server._handle = seen  # type: ignore[method-assign]
-    fd = make_table(count=2)
+    read = _ops_read(h)
+    fd = _with_table(w1, count=2)
     try:
-        w1.table = CallTableWriter(os.dup(fd))
         recorded = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
         lingering = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
         unrecorded = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})  # table full
