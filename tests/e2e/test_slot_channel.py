@@ -1788,3 +1788,45 @@ async def test_a_worker_gone_with_releases_held_gives_every_slot_back_and_loses_
         assert [c["call_id"] for c in lost.values()] == [2]
     finally:
         os.close(fd)
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_workers_many_parked_messages_are_each_read_once_in_order(
+    asked_host, monkeypatch
+):
+    """A second worker joins while the lone one's releases may wait and asks
+    for three slots before the first has said what it held (busy, it reads
+    "releases" late): once it has, each parked message is read once, in
+    order: two granted at once, the third queued (no room) and granted the
+    first slot given back. Before, with two or more parked, each one read
+    went back behind the others still parked (`_handle` parked it again) and
+    the supervisor looped there for good: hung at a second worker's join (a
+    replacement after a crash, an upgrade's new generation) whenever its
+    first calls came within the first worker's answer."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.RELEASES_TOLD_WAIT", 30.0)  # told, not timed
+    h = asked_host(maxconn=1, queue_timeout=5.0)
+    w1 = await h.worker()
+    await eventually(lambda: w1._releases_wait)
+    assert w1._transport is not None
+    w1._transport.pause_reading()  # busy: it reads "releases" false later
+    w2 = await h.worker()
+    (channel,) = [c for c in h.server._channels.values() if c.pid == w2.pid]
+    handle, reads = h.server._handle, Counter[str]()
+
+    def bounded(channel, message):  # a loop over the parked ones fails here, not hangs
+        reads["read"] += 1
+        assert reads["read"] < 100, "the same parked messages read over and over"
+        handle(channel, message)
+
+    h.server._handle = bounded  # type: ignore[method-assign]
+    asked = [asyncio.ensure_future(w2.lease()) for _ in range(3)]
+    await eventually(lambda: len(channel.parked) == 3)
+    assert not any(a.done() for a in asked)
+    w1._transport.resume_reading()
+    first, second = await asyncio.wait_for(asyncio.gather(*asked[:2]), 5)
+    assert {first.fleet.name, second.fleet.name} == {"a", "b"}
+    await eventually(lambda: h.slots.queue_length == 1)  # the third waits: no room
+    assert not asked[2].done() and not channel.parked
+    first.release()
+    third = await asyncio.wait_for(asked[2], 5)
+    assert third.fleet.name == first.fleet.name

@@ -1066,6 +1066,14 @@ class SlotServer:
             # room). Read once it has told them (it was asked at this one's hello).
             channel.parked.append(message)
             return
+        self._act(channel, message)
+
+    def _act(self, channel: _Channel, message: dict[str, Any]) -> None:
+        """A joined worker's message in its turn: at once, or, parked, once
+        the worker whose releases might wait has told them (`_unpark`, which
+        reads them here: through `_handle`, each went back behind the others
+        still parked, and the supervisor looped over them for good)."""
+        op = message["op"]
         if op == "acquire":
             lease = field(message, "id", int)
             if message.get("budget") is True and message.get("standing") is True:
@@ -1558,7 +1566,7 @@ class SlotServer:
             while channel.parked and not self._releases_wait_elsewhere(channel):
                 message = channel.parked.pop(0)
                 try:
-                    self._handle(channel, message)
+                    self._act(channel, message)
                 except (WireError, SlotProtocolError) as exc:
                     log.error(
                         "slot channel closed: the worker broke the protocol",
