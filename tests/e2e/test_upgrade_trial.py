@@ -4,8 +4,10 @@ supervisor will run it, before anything is handed over (service/upgrade.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -415,3 +417,40 @@ async def test_the_trial_says_which_call_tables_the_installed_code_reads(
             "before the tables": set(),
         }[installed]
     )
+
+
+@pytest.mark.timeout(120)
+async def test_a_trial_that_ended_with_its_output_held_open_is_still_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial run exited, but a process it started (an install whose
+    import starts a helper) still holds its output open: it is given up by
+    its limits, said so, not waited on as long as that process lives. Before,
+    once the trial was reaped its CPU time read None and the loop waited on,
+    judging nothing, whatever TRIAL_WALL_LIMIT says (the 90 s bound before
+    session 45 held here)."""
+    holder = tmp_path / "holder.pid"
+    monkeypatch.setenv("TRIAL_TEST_HOLDER", str(holder))
+
+    def start_a_holder(package: Path) -> None:
+        init = package / "__init__.py"
+        init.write_text(
+            init.read_text()
+            + "\nimport os as _o, subprocess as _s, sys as _y\n"
+            + "_p = _s.Popen([_y.executable, '-c', 'import time; time.sleep(40)'])\n"
+            + "open(_o.environ['TRIAL_TEST_HOLDER'], 'w').write(str(_p.pid))\n"
+        )
+
+    began = time.monotonic()
+    try:
+        failed = await _trial_of_a_broken_copy(
+            tmp_path, monkeypatch, start_a_holder, stall_limit=3.0, wall_limit=20.0
+        )
+    finally:
+        if holder.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(holder.read_text()), signal.SIGKILL)
+    took = time.monotonic() - began
+    said = str(failed)
+    assert took < 30, (took, said)
+    assert "holds its output open" in said, said

@@ -289,8 +289,13 @@ async def trial_run(
     try:
         while not answered.done():
             await asyncio.wait((answered,), timeout=TRIAL_POLL)
-            if answered.done() or (cpu := cpu_used(proc.pid)) is None:
+            if answered.done():
                 continue  # it ended: its output is read
+            # None: it ended and was reaped, yet its output is not closed (a
+            # process it started holds it): judged on, as using no CPU.
+            ended = (cpu := cpu_used(proc.pid)) is None
+            if ended:
+                cpu = judge.cpu
             now = loop.time()
             step, last = now - last, now
             # This process did not run meanwhile (a paused VM, a stopped
@@ -301,6 +306,8 @@ async def trial_run(
             if progress is not None:
                 progress(judge)
             if why is not None and not stalled:
+                if ended:
+                    why += " (it exited, but a process it started holds its output open)"
                 raise TrialFailed(
                     f"the installed code's trial run ({sys.executable} importing fleet_ingress "
                     f"and checking {config_path}) {why}; abandoned, the running generation "
