@@ -239,6 +239,15 @@ def read_tcp_info(sock: Any) -> bytes:
         return b""
 
 
+def read_tcp_state(sock: Any) -> bytes:
+    """The socket's TCP_INFO's first byte alone (tcpi_state, one byte copied:
+    asked a few times a call while it is set up); b"" where there is none."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return b""
+
+
 def queued_on_listener(sock: Any) -> int:
     """Connections a listening socket's kernel has taken and not yet handed to
     accept() (its TCP_INFO's tcpi_unacked is the accept queue's length); 0 where

@@ -115,6 +115,7 @@ from fleet_ingress.net.liveness import (
     gave_no_answer,
     probes_out,
     read_tcp_info,
+    read_tcp_state,
     window_closed_on_unsent,
 )
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
@@ -1821,15 +1822,9 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
 
 def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
-    peer's reset or FIN, nor after a timeout. Its TCP_INFO's first byte alone
-    (tcpi_state): asked a few times a call while it is set up (`_read_watched`,
-    `linked`), where the whole of it was copied and read through two calls."""
-    if _TCP_INFO is None:
-        return True
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
-    except OSError:  # closed: nothing to say
-        return True
+    peer's reset or FIN, nor after a timeout. Asked a few times a call while it
+    is set up (`_read_watched`, `linked`): its state byte alone is read."""
+    state = read_tcp_state(sock)
     return not state or state == _TCP_ESTABLISHED
 
 
@@ -1858,7 +1853,6 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
 
 # tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
 _TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux
 
 
 def peer_stopped_answering(info: bytes) -> bool:
