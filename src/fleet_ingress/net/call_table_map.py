@@ -71,13 +71,9 @@ def handed_over(fd: int, reads: frozenset[int] | None) -> bool:
     if reads is None:
         return True
     try:
-        head = os.pread(fd, call_table.HEADER_SIZE, 0)
-    except OSError:
+        return call_table.layout_of(os.pread(fd, call_table.HEADER_SIZE, 0)).record_size in reads
+    except (OSError, ValueError):
         return False
-    if len(head) < call_table.HEADER_SIZE:
-        return False
-    magic, size, _ = call_table.HEADER.unpack_from(head)
-    return magic == call_table.MAGIC and size in reads
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
