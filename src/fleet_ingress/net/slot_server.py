@@ -250,16 +250,20 @@ class _Channel(asyncio.Protocol):
             for message in self.decoder.feed(data, skip_bad=self.restoring):
                 self.server._handle(self, message)
         except (WireError, SlotProtocolError) as exc:
-            # A message the table cannot mean (a "state" naming a lease twice)
-            # is as broken as one that is not the protocol: the channel closes
-            # and the worker counts as gone (`_gone`: its slots come back).
-            log.error(
-                "slot channel closed: the worker broke the protocol",
-                extra=fields(
-                    channel=self.key, pid=self.pid, generation=self.generation, error=str(exc)
-                ),
-            )
-            assert self.transport is not None
+            self.broke_protocol(exc)
+
+    def broke_protocol(self, exc: WireError | SlotProtocolError) -> None:
+        """A message the table cannot mean (a "state" naming a lease twice) is
+        as broken as one that is not the protocol: the channel closes and the
+        worker counts as gone (`_gone`: its slots come back)."""
+        log.error(
+            "slot channel closed: the worker broke the protocol",
+            extra=fields(
+                channel=self.key, pid=self.pid, generation=self.generation, error=str(exc)
+            ),
+        )
+        self.parked = []  # nothing more of it is read
+        if self.transport is not None:
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1568,13 +1572,7 @@ class SlotServer:
                 try:
                     self._act(channel, message)
                 except (WireError, SlotProtocolError) as exc:
-                    log.error(
-                        "slot channel closed: the worker broke the protocol",
-                        extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
-                    )
-                    channel.parked = []
-                    if channel.transport is not None:
-                        channel.transport.abort()
+                    channel.broke_protocol(exc)
                     break
 
     def _review_standing(self, *, fleets_changed: bool = False) -> None:
