@@ -39,7 +39,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from bench.call_instructions import WARMUP, count, syscalls, totals
+from bench.call_instructions import OPENSSL_OBJECTS, WARMUP, count, syscalls, totals
 
 TARGETS: dict[str, tuple[str, dict[str, str]]] = {
     "haproxy": ("haproxy", {}),
@@ -53,8 +53,8 @@ TARGETS: dict[str, tuple[str, dict[str, str]]] = {
 # Shared objects by group, as callgrind names them (its file name's start).
 GROUPS = (
     # cryptography's bundled copy too: callgrind names some of the system
-    # libcrypto's instructions after it (call_instructions.OPENSSL_OBJECTS).
-    ("OpenSSL", ("libssl.so", "libcrypto.so", "_rust.abi3.so")),
+    # libcrypto's instructions after it.
+    ("OpenSSL", OPENSSL_OBJECTS),
     ("libpython", ("libpython", "python3")),
     ("uvloop", ("loop.cpython",)),
     ("libc", ("libc.so", "ld-linux")),
