@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -925,3 +928,58 @@ async def test_run_says_the_variables_that_set_nothing_at_its_start_and_at_each_
         assert fix in reloaded["changes"], reloaded
     finally:
         await service.finish()
+
+
+@pytest.mark.parametrize("trial", ["progressing", "stalled"])
+async def test_upgrade_waits_past_its_timeout_while_the_trial_makes_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trial: str
+) -> None:
+    """`upgrade` waits UPGRADE_TIMEOUT from the trial run's last progress (its
+    wall time growing in the supervisor's status), and prints that progress:
+    a niced trial on a busy host passes after minutes. A trial whose progress
+    stops is waited on no longer than UPGRADE_TIMEOUT after. Before, the
+    client gave up UPGRADE_TIMEOUT after it asked, the trial still running."""
+    from aiohttp import web
+
+    from fleet_ingress.ops import admin_client
+
+    monkeypatch.setattr(admin_client, "UPGRADE_TIMEOUT", 1.0)
+    monkeypatch.setattr(admin_client, "UPGRADE_POLL", 0.05)
+    monkeypatch.setattr(admin_client, "UPGRADE_TRIAL_SAY_EVERY", 1.0)
+    began: list[float] = []
+    trial_takes = 3.0  # three times the client's timeout
+
+    async def ask(_: web.Request) -> web.Response:
+        began.append(time.monotonic())
+        return web.json_response({"id": 7, "pid": 1, "from_generation": 1, "state": "checking"})
+
+    async def status(_: web.Request) -> web.Response:
+        took = time.monotonic() - began[0]
+        upgrade: dict[str, Any] = {"id": 7, "from_generation": 1, "generation": 2}
+        if took < trial_takes or trial == "stalled":
+            wall = took if trial == "progressing" else min(took, 0.3)
+            upgrade |= {"state": "checking", "trial": {"wall_s": wall, "cpu_s": 0.1}}
+        else:
+            upgrade |= {"state": "done", "took_s": took}
+        return web.json_response({"upgrades": [upgrade], "pid": 1, "generation": 2})
+
+    app = web.Application()
+    app.router.add_post("/upgrade", ask)
+    app.router.add_get("/upgrade", status)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = tmp_path / "admin.sock"
+    await web.UnixSite(runner, str(path)).start()
+    out = io.StringIO()
+    try:
+        async with asyncio.timeout(20):
+            code = await admin_client._await_upgrade(path, out)
+    finally:
+        await runner.cleanup()
+    took = time.monotonic() - began[0]
+    if trial == "progressing":
+        assert code == 0 and "upgraded: generation 2 serves" in out.getvalue(), out.getvalue()
+        assert took >= trial_takes
+        assert "trial run still running, 1s (0.1s of CPU)" in out.getvalue(), out.getvalue()
+    else:  # its last progress at 0.3 s: given up a timeout after it
+        assert code == 1 and took < trial_takes, (took, out.getvalue())
