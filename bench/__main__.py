@@ -55,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument(
         "--route", help="call route prefix (default /exotel/ for exotel, else /ws/)"
     )
-    common.add_argument("--repeat", type=int, default=1, help="rounds (targets interleaved)")
+    common.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds (targets interleaved, order rotated each round)",
+    )
     common.add_argument(
         "--generators",
         type=int,
@@ -149,6 +154,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp-max", type=int, default=400)
     p.add_argument("--hold", type=float, default=6.0, help="window per level (s)")
     p.add_argument("--budget-ms", type=float, help="added p99 budget (default: frame interval)")
+    p.add_argument(
+        "--ramp-fine",
+        type=int,
+        default=10,
+        help="after the first level over budget, back to the last level in budget and up by "
+        "this many calls at a time to the edge (default 10; 0: stop at the first level over)",
+    )
+    p.add_argument(
+        "--ramp-target-seconds",
+        type=float,
+        default=300.0,
+        help="at most this long of levels per target and round (default 300)",
+    )
 
     p = sub.add_parser("idle", parents=[common], help="many held calls: memory per call")
     p.add_argument("--calls", type=int, default=500)
@@ -188,6 +206,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.route = "/exotel/" if args.profile == "exotel" else "/ws/"
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.scenario == "churn" and args.seconds <= args.call_seconds + 1:
+        # The window opens when as many calls end as start (call_seconds + 1 s in).
+        parser.error(
+            f"churn --seconds {args.seconds:g}: no window (it opens at --call-seconds + 1 = "
+            f"{args.call_seconds + 1:g} s); give --seconds at least {args.call_seconds + 3:g}"
+        )
     peak = {
         "steady": lambda: args.calls,
         "idle": lambda: args.calls,
@@ -275,6 +299,7 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "code": code_version(),
         "params": params(args) | ({"budget_ms": budget} if args.scenario == "ramp" else {}),
         "rounds": [],
+        "round_orders": [],
         "warnings": [],
     }
     rep["machine"]["busy_cores_before_start"] = await busy_cores(1.0)
@@ -286,7 +311,9 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             for rnd in range(args.repeat):
                 results: dict[str, Any] = {}
                 direct_p99: dict[int, float] = {}
-                for name in args.targets:
+                order = round_order(args.targets, rnd, args.scenario)
+                rep["round_orders"].append(order)
+                for name in order:
                     log(f"round {rnd + 1}/{args.repeat}: {args.scenario} via {label(name)}")
                     hook_dir = run.dir / f"memhook-{name}-{rnd + 1}" if args.memhook else None
                     env = (
@@ -329,6 +356,17 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return rep
 
 
+def round_order(targets: list[str], rnd: int, scenario: str) -> list[str]:
+    """The targets in the order round ``rnd`` (from 0) runs them: the order given, rotated
+    by one each round, so that no target always runs first (on the host's warm-up) or
+    always after the same one. A ramp keeps direct first: the others are judged against
+    its round trip at each level as they run."""
+    fixed = [t for t in targets if scenario == "ramp" and base(t) == "direct"]
+    rest = [t for t in targets if t not in fixed]
+    shift = rnd % len(rest) if rest else 0
+    return fixed + rest[shift:] + rest[:shift]
+
+
 def default_title(args: argparse.Namespace) -> str:
     if args.scenario == "steady":
         return f"{args.calls} {args.profile} calls for {args.seconds:g} s"
@@ -366,6 +404,8 @@ async def one(
         args.hold,
         None if target.kind == "direct" else budget,
         direct_p99,
+        fine=args.ramp_fine,
+        max_seconds=args.ramp_target_seconds,
     )
 
 
@@ -376,6 +416,10 @@ async def busy_cores(seconds: float) -> float:
 
 
 def ramp_summary(rep: dict[str, Any]) -> dict[str, str]:
+    """Each target's limit a round: runs since session 46 (``ramp_fine``) say where each
+    stopped and the step its limit was judged at; earlier runs the last level in budget."""
+    if "ramp_fine" in rep["params"]:
+        return ramp_limits(rep)
     budget = rep["params"]["budget_ms"]
     out = {}
     for rnd_i, rnd in enumerate(rep["rounds"], 1):
@@ -404,6 +448,37 @@ def ramp_summary(rep: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def ramp_limits(rep: dict[str, Any]) -> dict[str, str]:
+    """Per target and round: its limit (the last level in budget), the lowest level over,
+    the step between them, and why it stopped."""
+    cap = rep["params"]["ramp_max"]
+    out = {}
+    for rnd_i, rnd in enumerate(rep["rounds"], 1):
+        for t, r in rnd.items():
+            if base(t) == "direct":
+                levels = [lv["calls"] for lv in r["levels"]]
+                out[f"{t} (round {rnd_i})"] = (
+                    f"levels up to {max(levels, default=0)} calls ({r['stop_reason']})"
+                )
+                continue
+            limit, over, step = r.get("limit"), r.get("first_over"), r.get("resolution")
+            at = next((lv for lv in r["levels"] if lv["calls"] == limit), None)
+            there = (
+                f"; there added p99 {at.get('added_p99_ms')} ms, proxy "
+                f"{at['loads']['proxy_cores']} cores"
+                if at
+                else ""
+            )
+            if limit is None:
+                text = "no level within the budget"
+            elif over is None:
+                text = f"limit not found: in budget up to {limit} calls (cap {cap})"
+            else:
+                text = f"limit {limit} calls (over at {over}: judged at a step of {step})"
+            out[f"{t} (round {rnd_i})"] = f"{text}{there}; stopped: {r['stop_reason']}"
+    return out
+
+
 def finish(rep: dict[str, Any], out: Path, *, partial: bool = False) -> None:
     rounds = rep["rounds"]
     if rep["scenario"] != "ramp":
@@ -413,6 +488,8 @@ def finish(rep: dict[str, Any], out: Path, *, partial: bool = False) -> None:
     else:
         rep["summary"], rep["ratios"] = {}, {}
         rep["ramp_summary"] = ramp_summary(rep)
+        if "ramp_fine" in rep["params"]:
+            rep["targets_check"] = report.ramp_check(rep)
     rep["partial"] = partial
     report.write_json(rep, out / "results.json")
     (out / "results.md").write_text(report.markdown(rep))

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from . import load_side
 from .targets import base, builtin_variant, label
 
 # (key, header, digits) of the steady table, read from each target's result.
@@ -134,6 +135,16 @@ def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> 
                 per_key[CONTROLLED] = stats(
                     [controlled(rnd.get(num, {}), rnd.get(den, {}), key) for rnd in rounds]
                 )
+            # Between programs, by the generator alone (load_side); runs that recorded the
+            # load side's CPU seconds unrounded only (stored runs summarize as written).
+            if scenario == "steady" and (num, den) in load_side.program_pairs(targets):
+                if any(recorded_load_side(rnd.get(num, {})) for rnd in rounds):
+                    per_key[load_side.GEN_CONTROLLED] = stats(
+                        [
+                            load_side.gen_controlled(rnd.get(num, {}), rnd.get(den, {}))
+                            for rnd in rounds
+                        ]
+                    )
             ratios[f"{num}/{den}"] = per_key
     by_process = cpu_by_process(rounds)
     memory = memory_split(rounds)
@@ -142,6 +153,12 @@ def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> 
         | ({"cpu_by_process": by_process} if by_process else {})
         | ({"memory_per_call": memory} if memory else {})
     )
+
+
+def recorded_load_side(result: dict[str, Any]) -> bool:
+    """Whether a result recorded the load side's CPU seconds unrounded (since session 46):
+    the load side's section and the generator-controlled ratio are shown for those."""
+    return "generator_cpu_s" in result.get("loads", {})
 
 
 # The CPU ratio over the load side's (`controlled`).
@@ -363,6 +380,65 @@ def workers_check(scenario: str, report: dict[str, Any]) -> list[str]:
     return out
 
 
+def ramp_check(report: dict[str, Any]) -> list[str]:
+    """#13's ramp point, per round: fleet-ingress in budget at least as far as HAProxy,
+    judged on each target's own limit (``bench.harness.ramp_steps``); NOT KNOWN when the
+    limits found do not decide it (HAProxy never over, the ingress over above where HAProxy
+    stopped: raise ``--ramp-max``)."""
+    out = []
+    targets = list(dict.fromkeys(t for rnd in report["rounds"] for t in rnd))
+    for num, den in load_side.program_pairs(targets):
+        verdicts = []
+        for rnd in report["rounds"]:
+            a, b = rnd.get(num), rnd.get(den)
+            if a is None or b is None:
+                continue
+            verdicts.append(_ramp_verdict(a, b))
+        if not verdicts:
+            continue
+        words = {v for v, _ in verdicts}
+        overall = "MISSED" if "MISSED" in words else "NOT KNOWN" if "NOT KNOWN" in words else "MET"
+        rounds = "; ".join(f"round {i}: {text}" for i, (_, text) in enumerate(verdicts, 1))
+        out.append(
+            f"ramp: {label(num)} in budget at least as far as {label(den)}: {rounds} -> {overall}"
+        )
+    return out
+
+
+def _ramp_verdict(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
+    """(MET | MISSED | NOT KNOWN, what it rests on) for target ``a`` against ``b`` in a round."""
+
+    def limit(r: dict[str, Any]) -> str:
+        if r.get("limit") is None:
+            return "none in budget" if r.get("first_over") is not None else "not judged"
+        if r.get("first_over") is None:
+            return f">= {r['limit']} (never over)"
+        return f"{r['limit']} (step {r['resolution']})"
+
+    text = f"{limit(a)} against {limit(b)}"
+    if a.get("limit") is None and b.get("limit") is None:  # lower --ramp-start
+        return "NOT KNOWN", text
+    la, lb = a.get("limit") or 0, b.get("limit") or 0
+    a_found, b_found = a.get("first_over") is not None, b.get("first_over") is not None
+    if a_found and b_found:
+        return ("MET" if la >= lb else "MISSED"), text
+    if a_found:  # b never went over (the cap, the load side's limit, a stop): as far as b got
+        return ("MISSED" if la < lb else "NOT KNOWN"), text
+    if b_found:
+        return ("MET" if la >= lb else "NOT KNOWN"), text
+    return "NOT KNOWN", text
+
+
+def round_order(report: dict[str, Any]) -> str:
+    """How the rounds ordered the targets. Runs since session 46 rotate the order each
+    round (``round_orders``): a target always first would ride the host's warm-up."""
+    orders = report.get("round_orders")
+    if not orders:
+        return "targets interleaved each round"
+    text = "; ".join(f"round {i}: {', '.join(order)}" for i, order in enumerate(orders, 1) if order)
+    return f"targets interleaved, the order rotated each round ({text})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     sc = report["scenario"]
     p, m = report["params"], report["machine"]
@@ -377,7 +453,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"(src sha256 {report['code'].get('src_sha256')}, "
         f"{report['code'].get('src_uncommitted_changes')} uncommitted files in src/)",
         f"- TLS both sides; profile {p['profile']}; rounds {p['repeat']} "
-        f"(targets interleaved each round); CPU pinning {'on' if p['pin'] else 'off'}",
+        f"({round_order(report)}); CPU pinning {'on' if p['pin'] else 'off'}",
         "",
     ]
     if sc in COLUMNS:
@@ -405,6 +481,8 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             if parts:
                 lines.append(f"- ratio {name}: " + "; ".join(parts))
+        if any(recorded_load_side(r) for rnd in report["rounds"] for r in rnd.values()):
+            lines += load_side.lines(report["rounds"])
         lines += ["", "Load during the measurement windows (cores, median over rounds):", ""]
         lines.append("| target | " + " | ".join(h for _, h in LOAD_COLUMNS) + " |")
         lines.append("|---|" + "---|" * len(LOAD_COLUMNS))
@@ -418,10 +496,22 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"Added p99 budget: {budget} ms (one frame interval); added = target p99 - direct "
             "p99 at the same number of calls."
+            + (
+                f" Levels by {p['ramp_step']} from {p['ramp_start']} to at most {p['ramp_max']} "
+                f"calls; after a target's first level over, back to its last level in budget "
+                f"and up by {p['ramp_fine']} to the edge (direct's p99 interpolated between "
+                "its levels; direct ends where its own p99 passes the budget: past that no "
+                f"target is judged). {load_side.RULE}."
+                if "ramp_fine" in p
+                else ""
+            )
         )
         lines.append("")
         for rnd_i, rnd in enumerate(report["rounds"], 1):
             direct = {lv["calls"]: lv for lv in rnd.get("direct", {}).get("levels", [])}
+            if any("added_p99_ms" in lv for r in rnd.values() for lv in r["levels"]):
+                lines += ramp_round(rnd_i, rnd)
+                continue
             for t, r in rnd.items():
                 lines.append(f"### round {rnd_i}: {label(t)} (stopped: {r['stop_reason']})")
                 lines.append("")
@@ -456,6 +546,50 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Warnings:", ""]
         lines += [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def ramp_round(rnd_i: int, rnd: dict[str, Any]) -> list[str]:
+    """A round of a ramp run since session 46: each target's levels in the order measured
+    (a level dropped back from and climbed again by the fine step shows twice), added p99
+    over direct's (interpolated between direct's levels), the load side's CPU a message,
+    then fleet-ingress's CPU a message over HAProxy's at the levels both measured."""
+    lines = []
+    for t, r in rnd.items():
+        lines += [
+            f"### round {rnd_i}: {label(t)} (stopped: {r['stop_reason']})",
+            "",
+            "| calls | RTT p50 ms | RTT p99 ms | direct p99 ms | added p99 ms | over | "
+            "proxy cores | CPU s / 1000 msgs | RSS KiB / call | generator µs / msg | "
+            "fleets µs / msg | host busy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for lv in r["levels"]:
+            ld = lv["loads"]
+            lines.append(
+                f"| {lv['calls']} | {_fmt(lv['rtt_ms_p50'], 2)} | {_fmt(lv['rtt_ms_p99'], 2)} | "
+                f"{_fmt(lv.get('direct_p99_ms'), 2)} | {_fmt(lv.get('added_p99_ms'), 2)} | "
+                f"{'over' if lv.get('over_budget') else ''} | {_fmt(ld['proxy_cores'], 3)} | "
+                f"{_fmt(lv['cpu_s_per_1000_msgs'], 5)} | {_fmt(lv['rss_kib_per_call'], 1)} | "
+                f"{_fmt(lv.get('generator_us_per_msg'), 2)} | "
+                f"{_fmt(lv.get('fleets_us_per_msg'), 2)} | {_fmt(ld['host_busy_cores'], 2)} |"
+            )
+        lines.append("")
+    for num, den in load_side.program_pairs(list(rnd)):
+        a = {lv["calls"]: lv for lv in rnd[num]["levels"] if not lv.get("over_budget")}
+        b = {lv["calls"]: lv for lv in rnd[den]["levels"] if not lv.get("over_budget")}
+        cells = []
+        for n in sorted(set(a) & set(b)):
+            ka, kb = a[n]["cpu_s_per_1000_msgs"], b[n]["cpu_s_per_1000_msgs"]
+            raw = round(ka / kb, 3) if ka and kb else None
+            ctl = load_side.gen_controlled(a[n], b[n], work="msgs")
+            cells.append(f"{n}: {_fmt(raw, 3)} / {_fmt(ctl, 3)}")
+        if cells:
+            lines += [
+                f"- round {rnd_i}, {num}/{den} CPU a message at the same calls in budget, raw / "
+                f"controlled by the generator: " + "; ".join(cells),
+                "",
+            ]
+    return lines
 
 
 def by_process_table(by_target: dict[str, dict[str, Any]]) -> list[str]:

@@ -337,6 +337,10 @@ class Run:
             "proxy_cpu_s": None if proxy is None else round(proxy, 3),
             "proxy_cores": ratio(proxy, window),
             "generator_cores": ratio(sum(gen.values()), window),
+            # The load side's CPU seconds unrounded (the cores above are rounded to 3 digits,
+            # 0.5 % of a generator's 0.18 core): what bench.harness.load_side divides by work.
+            "generator_cpu_s": round(sum(gen.values()), 6),
+            "fleets_cpu_s": round(b.fleets_cpu - a.fleets_cpu, 6),
             "generator_max_process_cores": ratio(max(gen.values(), default=0.0), window),
             "generator_processes": len(gen),
             "fleets_cores": ratio(b.fleets_cpu - a.fleets_cpu, window),
