@@ -240,3 +240,27 @@ def test_runs_stored_before_get_no_generator_controlled_ratio() -> None:
 )
 def test_program_pairs(targets: list[str], pairs: list[tuple[str, str]]) -> None:
     assert load_side.program_pairs(targets) == pairs
+
+
+@pytest.mark.parametrize(("raw", "verdict"), [(1.155, "MISSED"), (1.04, "MET")])
+def test_steady_is_judged_at_1_05x_on_the_median_with_the_controlled_reading_beside(
+    raw: float, verdict: str
+) -> None:
+    rounds = [
+        {
+            "haproxy": steady_result(0.0170, gen_s=3.6, fleets_s=4.2),
+            "ingress": steady_result(0.0170 * raw, gen_s=3.6 * 1.05, fleets_s=4.5),
+        }
+    ]
+    for r in rounds[0].values():
+        r |= {"failed": 0, "lost_frames": 0, "rss_kib_per_call": 36.0}
+    rep: dict[str, Any] = {
+        "params": {"haproxy_nbthread": 1, "calls": 100, "profile": "twilio-like"}
+    }
+    rep.update(report.summarize_rounds("steady", rounds))
+    line = report.targets_check("steady", rep)[0]
+    assert line.startswith("CPU per relayed message <= 1.05x HAProxy (nbthread 1) at 100 calls")
+    assert (
+        f"ingress/HAProxy = {raw} (rounds [{raw}]) -> {verdict}; controlled by the generator"
+        in line
+    )
