@@ -509,7 +509,9 @@ def markdown(report: dict[str, Any]) -> str:
     if sc == "ramp":
         budget = p.get("budget_ms")
         lines.append(
-            f"Added p99 budget: {budget} ms (one frame interval); added = target p99 - direct "
+            f"Added p99 budget: {budget} ms "
+            f"({'one frame interval' if budget == p.get('frame_interval_ms') else '--budget-ms'}"
+            "); added = target p99 - direct "
             "p99 at the same number of calls."
             + (
                 f" Levels by {p['ramp_step']} from {p['ramp_start']} to at most {p['ramp_max']} "

@@ -119,9 +119,6 @@ async def ramp(
                     "at the load side's own limit or the cap)"
                 )
                 break
-            if (loads["generator_max_process_cores"] or 0) > GENERATOR_SATURATED:
-                stop_reason = f"a generator process saturated at {calls} calls"
-                break
             if over:
                 host = max(loads["host_busy_cores"] or 0, first_host)
                 why = why_over(loads["proxy_cores"] or 0, host, run.nproc)
@@ -138,6 +135,9 @@ async def ramp(
                     f"{loads['proxy_cores']})"
                 )
             action = steps.judge(in_budget=not over)
+            if (loads["generator_max_process_cores"] or 0) > GENERATOR_SATURATED:
+                stop_reason = f"a generator process saturated at {calls} calls"
+                break
             if isinstance(action, Stop):
                 if action.reason == "edge":
                     stop_reason = (
