@@ -99,6 +99,9 @@ class Recorder:
     errors: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
     fleets: dict[str, int] = field(default_factory=dict)
+    # Calls by the TLS version and cipher the proxy chose ("TLSv1.3 TLS_AES_256_GCM_SHA384"):
+    # the generator's work a message is the same behind two proxies only if these are.
+    tls: dict[str, int] = field(default_factory=dict)
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -352,12 +355,23 @@ async def open_call(
                 server_hostname=host if ssl_ctx else None,
             )
             ok = await call.upgraded
+        record_tls(rec, call.transport)
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         call._fail(f"connect: {type(exc).__name__}")
         if call.transport is not None:
             call.transport.abort()
         return None
     return call if ok else None
+
+
+def record_tls(rec: Recorder, transport: asyncio.BaseTransport | None) -> None:
+    """Count the call's TLS version and cipher (nothing for a plain TCP call)."""
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    if tls is None:
+        return
+    cipher = tls.cipher()
+    key = f"{tls.version()} {cipher[0] if cipher else '?'}"
+    rec.tls[key] = rec.tls.get(key, 0) + 1
 
 
 async def echoed_call(

@@ -132,7 +132,33 @@ def lines(rounds: list[dict[str, dict[str, Any]]]) -> list[str]:
         ]
     if program_pairs(targets):
         out += ["", f"Rule: {RULE}."]
+    out += tls_lines(rounds, targets)
     return out
+
+
+def tls_lines(rounds: list[dict[str, dict[str, Any]]], targets: list[str]) -> list[str]:
+    """What TLS the carriers got from each target (version and cipher, calls over rounds),
+    and whether the proxies differ: then the generators' work is not the same behind them."""
+    seen: dict[str, dict[str, int]] = {}
+    for rnd in rounds:
+        for t, r in rnd.items():
+            for key, n in (r.get("tls") or {}).items():
+                seen.setdefault(t, {})[key] = seen.setdefault(t, {}).get(key, 0) + n
+    proxies = {t: set(v) for t, v in seen.items() if base(t) != "direct"}
+    if not proxies:
+        return []
+    kinds = {frozenset(v) for v in proxies.values()}
+    text = "; ".join(
+        f"{label(t)} " + ", ".join(f"{k} ({n} calls)" for k, n in seen[t].items())
+        for t in targets
+        if t in seen
+    )
+    same = (
+        "the same behind every proxy"
+        if len(kinds) == 1
+        else "**not the same behind every proxy: the generators' work differs**"
+    )
+    return ["", f"TLS the carriers were given: {text}: {same}."]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,8 +121,10 @@ def merged_record(recs: list[Recorder]) -> dict[str, Any]:
     errors: dict[str, int] = {}
     statuses: dict[str, int] = {}
     fleets: dict[str, int] = {}
+    tls: dict[str, int] = {}
     for rec in recs:
-        for src, dst in ((rec.errors, errors), (rec.statuses, statuses), (rec.fleets, fleets)):
+        pairs = ((rec.errors, errors), (rec.statuses, statuses), (rec.fleets, fleets))
+        for src, dst in (*pairs, (getattr(rec, "tls", {}), tls)):
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + v
     handshakes = [h for rec in recs for h in rec.handshake_ms]
@@ -137,6 +139,7 @@ def merged_record(recs: list[Recorder]) -> dict[str, Any]:
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:10]),
         "statuses": statuses,
         "fleets": fleets,
+        "tls": tls,
         "handshake_ms_p50": percentile(handshakes, 50),
         "handshake_ms_p99": percentile(handshakes, 99),
         "handshakes": len(handshakes),

@@ -264,3 +264,19 @@ def test_steady_is_judged_at_1_05x_on_the_median_with_the_controlled_reading_bes
         f"ingress/HAProxy = {raw} (rounds [{raw}]) -> {verdict}; controlled by the generator"
         in line
     )
+
+
+def test_the_tls_the_carriers_got_is_said_and_a_difference_flagged() -> None:
+    rnd = {
+        "haproxy": steady_result(0.0170, gen_s=3.6, fleets_s=4.2),
+        "ingress": steady_result(0.0190, gen_s=3.7, fleets_s=4.5),
+    }
+    rnd["haproxy"]["tls"] = {"TLSv1.3 TLS_AES_256_GCM_SHA384": 100}
+    rnd["ingress"]["tls"] = {"TLSv1.3 TLS_AES_256_GCM_SHA384": 100}
+    text = "\n".join(load_side.lines([rnd]))
+    assert (
+        "TLS the carriers were given: HAProxy TLSv1.3 TLS_AES_256_GCM_SHA384 (100 calls); "
+        "fleet-ingress TLSv1.3 TLS_AES_256_GCM_SHA384 (100 calls): the same behind every proxy."
+    ) in text
+    rnd["ingress"]["tls"] = {"TLSv1.3 TLS_AES_128_GCM_SHA256": 100}
+    assert "the generators' work differs" in "\n".join(load_side.lines([rnd]))
