@@ -76,3 +76,51 @@ def test_bench_steady_tiny(tmp_path: Path) -> None:
     except ImportError:
         return
     assert (out / "results.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(90)
+def test_bench_ramp_tiny(tmp_path: Path) -> None:
+    """A ramp of a few calls runs to the end and says, for fleet-ingress, its limit (or that
+    none was found) and why it stopped, each level with direct's round trip beside it and
+    the load side's CPU a message."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "ramp",
+            "--ramp-start",
+            "2",
+            "--ramp-step",
+            "2",
+            "--ramp-fine",
+            "1",
+            "--ramp-max",
+            "4",
+            "--hold",
+            "0.5",
+            "--targets",
+            "direct,ingress",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["round_orders"] == [["direct", "ingress"]]
+    (rnd,) = report["rounds"]
+    assert rnd["direct"]["levels"] and not rnd["direct"]["failed"]
+    r = rnd["ingress"]
+    assert r["levels"] and r["failed"] == 0, r["errors"]
+    assert {"limit", "first_over", "resolution"} <= r.keys()
+    for level in r["levels"]:
+        assert level["generator_us_per_msg"] is not None, level
+        assert {"direct_p99_ms", "added_p99_ms", "over_budget"} <= level.keys()
+    assert set(report["ramp_summary"]) == {"direct (round 1)", "ingress (round 1)"}
+    md = (out / "results.md").read_text()
+    assert "| calls | RTT p50 ms | RTT p99 ms | direct p99 ms | added p99 ms | over |" in md
