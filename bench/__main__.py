@@ -165,10 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ramp-target-seconds",
         type=float,
-        default=150.0,
-        help="at most this long of levels per target and round (default 150: a ramp from "
-        "250 by 50 to 650, fine 10, hold 8 needs about 125 s; 2 rounds of 3 targets stay under "
-        "15 minutes)",
+        default=140.0,
+        help="at most this long of levels per target and round (default 140: from 250 by 50, "
+        "over at 500 and fine 10, hold 8 takes about 125 s; with it 2 rounds of direct, "
+        "fleet-ingress and HAProxy stay under 15 minutes)",
     )
 
     p = sub.add_parser("idle", parents=[common], help="many held calls: memory per call")
