@@ -454,3 +454,47 @@ async def test_a_trial_that_ended_with_its_output_held_open_is_still_judged(
     said = str(failed)
     assert took < 30, (took, said)
     assert "holds its output open" in said, said
+
+
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+async def test_a_trial_given_up_leaves_no_pipe_of_its_own_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial given up (here: a process its import started holds its output,
+    and its import then blocks) is killed, and its output's pipe closed then.
+    Before, on uvloop, that pipe's transport was left to the garbage collector:
+    a descriptor open in the supervisor until then, and "unclosed resource
+    <ReadUnixTransport>" or "Event loop is closed" logged from wherever GC ran."""
+    holder = tmp_path / "holder.pid"
+    monkeypatch.setenv("TRIAL_TEST_HOLDER", str(holder))
+
+    def hold_and_hang(package: Path) -> None:
+        init = package / "__init__.py"
+        init.write_text(
+            init.read_text()
+            + "\nimport os as _o, subprocess as _s, sys as _y, time as _t\n"
+            + "_p = _s.Popen([_y.executable, '-c', 'import time; time.sleep(40)'])\n"
+            + "open(_o.environ['TRIAL_TEST_HOLDER'], 'w').write(str(_p.pid))\n"
+            + "_t.sleep(3600)\n"
+        )
+
+    # The loop's own descriptors for children (uvloop's, made at its first) first.
+    warm = await asyncio.create_subprocess_exec(sys.executable, "-c", "", stdout=subprocess.PIPE)
+    await warm.communicate()
+    before = _descriptors()
+    try:
+        failed = await _trial_of_a_broken_copy(
+            tmp_path, monkeypatch, hold_and_hang, stall_limit=2.0, wall_limit=20.0
+        )
+        await asyncio.sleep(0.2)  # what the loop closes at its next turns, closed
+        left = _descriptors() - before
+    finally:
+        if holder.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(holder.read_text()), signal.SIGKILL)
+    assert "used no CPU for 2s" in str(failed), failed
+    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left if fd.isdigit()}

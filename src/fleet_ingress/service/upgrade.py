@@ -320,6 +320,12 @@ async def trial_run(
             proc.kill()
         answered.cancel()
         await proc.wait()
+        # Its output's pipe is closed now, not by the garbage collector: once a
+        # process it started holds it open (or before its EOF is read), uvloop
+        # left it to GC, "unclosed resource <ReadUnixTransport>" or "Event loop is
+        # closed" logged from wherever that ran. asyncio.subprocess.Process keeps
+        # its transport private; closing it closes the pipes it made.
+        proc._transport.close()  # type: ignore[attr-defined]
         raise
     output, _ = answered.result()
     lines = output.decode("utf-8", "replace").strip().splitlines()
