@@ -1048,7 +1048,8 @@ def test_an_unset_close_flush_follows_a_tunnel_timeout_shorter_than_its_default(
 
     template = (resources.files("fleet_ingress.config") / "templates" / "ingress.toml").read_text()
     assert "\ntunnel = 3600.0\n" in template
-    shipped = load_config(write(tmp_path, template.replace("\ntunnel = 3600.0\n", "\ntunnel = 5\n")))
+    lowered = template.replace("\ntunnel = 3600.0\n", "\ntunnel = 5\n")
+    shipped = load_config(write(tmp_path, lowered))
     assert (shipped.timeouts.tunnel, shipped.timeouts.close_flush) == (5, 5)
     assert load_config(write(tmp_path, "[timeouts]\ntunnel = 4\n")).timeouts.close_flush == 4
     assert load_config(write(tmp_path, "[timeouts]\ntunnel = 60\n")).timeouts.close_flush == 10
