@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -498,3 +499,35 @@ async def test_a_trial_given_up_leaves_no_pipe_of_its_own_open(
                 os.kill(int(holder.read_text()), signal.SIGKILL)
     assert "used no CPU for 2s" in str(failed), failed
     assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left if fd.isdigit()}
+
+
+async def test_the_trial_asks_neither_the_running_supervisor_nor_the_resolver(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The trial's `check` asked the running supervisor over its admin socket
+    (for its environment: the trial's own, handed down) and looked the fleets'
+    names up, each up to 2 s of a niced process's wait, for warnings the trial
+    throws away. Neither is asked now; what the trial is for still fails it
+    (here the carrier key missing, said as before)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    await write_run_home(tls_files, home, ["https://fleet1.invalid:8443 name=a"])
+    (home / "key.pem").unlink()
+    # The running supervisor's admin socket, as the trial finds it: one that
+    # takes a connection and never answers.
+    supervisor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    supervisor.bind(str(home / "admin.sock"))
+    supervisor.listen(4)
+    supervisor.setblocking(False)
+    try:
+        with pytest.raises(upgrade.TrialFailed) as failed:
+            await upgrade.trial_run(home / "ingress.toml")
+        with contextlib.suppress(BlockingIOError):
+            asked, _ = supervisor.accept()
+            asked.close()
+            pytest.fail("the trial asked the running supervisor")
+    finally:
+        supervisor.close()
+    said = str(failed.value)
+    assert "tls.key" in said and "check failed: 1 problem(s)" in said, said
+    assert "does not resolve" not in said, said  # fleet1.invalid was not looked up
