@@ -17,6 +17,12 @@ if TYPE_CHECKING:  # imported where used: a command starts without the rest
     from fleet_ingress.service.fd_store import HandedBack
 
 
+# `check`'s argument for the upgrade's trial run (service.upgrade's _TRIAL
+# passes it where the installed release has this name): the files judged
+# alone, neither the running service nor the resolver asked (run_check's asks).
+CHECK_TRIAL_ARGUMENT = "--trial"
+
+
 class _VersionAction(argparse.Action):
     """--version: the code's digest is read only when asked (every command,
     `check --live` each second, builds this parser)."""
@@ -171,6 +177,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the unit's ExecStartPre: pass when a supervisor that died left its workers "
         "running (it is started again and takes them up with what it ran, not the files)",
+    )
+    check.add_argument(
+        CHECK_TRIAL_ARGUMENT,
+        action="store_true",
+        help=argparse.SUPPRESS,  # the upgrade's trial run: see config.check.run_check's asks
     )
     check.add_argument(
         "--live",
@@ -443,6 +454,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             probe=args.probe,
             before_start=args.before_start,
             running=service_environment_lines,
+            asks=not args.trial,
         )
     if args.command == "init":
         from fleet_ingress.config.init_deploy import main_init

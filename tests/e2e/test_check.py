@@ -481,7 +481,8 @@ def test_example_config_spells_out_every_default() -> None:
         keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
         # No TOML spelling for None.
         optional = {"ca_file"} if section in ("fleets", "tls") else set()
-        optional |= {"upgrade_drain"} if section == "timeouts" else set()
+        # Unset: upgrade_drain is drain; close_flush is 10 s, or tunnel when shorter.
+        optional |= {"upgrade_drain", "close_flush"} if section == "timeouts" else set()
         assert set(written[section]) == keys - optional, section
     example = load_config(EXAMPLE).model_dump()
     default = load_config(None).model_dump()

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -454,3 +455,79 @@ async def test_a_trial_that_ended_with_its_output_held_open_is_still_judged(
     said = str(failed)
     assert took < 30, (took, said)
     assert "holds its output open" in said, said
+
+
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+async def test_a_trial_given_up_leaves_no_pipe_of_its_own_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial given up (here: a process its import started holds its output,
+    and its import then blocks) is killed, and its output's pipe closed then.
+    Before, on uvloop, that pipe's transport was left to the garbage collector:
+    a descriptor open in the supervisor until then, and "unclosed resource
+    <ReadUnixTransport>" or "Event loop is closed" logged from wherever GC ran."""
+    holder = tmp_path / "holder.pid"
+    monkeypatch.setenv("TRIAL_TEST_HOLDER", str(holder))
+
+    def hold_and_hang(package: Path) -> None:
+        init = package / "__init__.py"
+        init.write_text(
+            init.read_text()
+            + "\nimport os as _o, subprocess as _s, sys as _y, time as _t\n"
+            + "_p = _s.Popen([_y.executable, '-c', 'import time; time.sleep(40)'])\n"
+            + "open(_o.environ['TRIAL_TEST_HOLDER'], 'w').write(str(_p.pid))\n"
+            + "_t.sleep(3600)\n"
+        )
+
+    # The loop's own descriptors for children (uvloop's, made at its first) first.
+    warm = await asyncio.create_subprocess_exec(sys.executable, "-c", "", stdout=subprocess.PIPE)
+    await warm.communicate()
+    before = _descriptors()
+    try:
+        failed = await _trial_of_a_broken_copy(
+            tmp_path, monkeypatch, hold_and_hang, stall_limit=2.0, wall_limit=20.0
+        )
+        await asyncio.sleep(0.2)  # what the loop closes at its next turns, closed
+        left = _descriptors() - before
+    finally:
+        if holder.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(holder.read_text()), signal.SIGKILL)
+    assert "used no CPU for 2s" in str(failed), failed
+    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left if fd.isdigit()}
+
+
+async def test_the_trial_asks_neither_the_running_supervisor_nor_the_resolver(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The trial's `check` asked the running supervisor over its admin socket
+    (for its environment: the trial's own, handed down) and looked the fleets'
+    names up, each up to 2 s of a niced process's wait, for warnings the trial
+    throws away. Neither is asked now; what the trial is for still fails it
+    (here the carrier key missing, said as before)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    await write_run_home(tls_files, home, ["https://fleet1.invalid:8443 name=a"])
+    (home / "key.pem").unlink()
+    # The running supervisor's admin socket, as the trial finds it: one that
+    # takes a connection and never answers.
+    supervisor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    supervisor.bind(str(home / "admin.sock"))
+    supervisor.listen(4)
+    supervisor.setblocking(False)
+    try:
+        with pytest.raises(upgrade.TrialFailed) as failed:
+            await upgrade.trial_run(home / "ingress.toml")
+        with contextlib.suppress(BlockingIOError):
+            asked, _ = supervisor.accept()
+            asked.close()
+            pytest.fail("the trial asked the running supervisor")
+    finally:
+        supervisor.close()
+    said = str(failed.value)
+    assert "tls.key" in said and "check failed: 1 problem(s)" in said, said
+    assert "does not resolve" not in said, said  # fleet1.invalid was not looked up

@@ -1033,6 +1033,37 @@ def test_a_close_flush_past_the_tunnel_timeout_is_refused_naming_both_and_the_fi
     assert handed.timeouts.close_flush == 50
 
 
+def test_an_unset_close_flush_follows_a_tunnel_timeout_shorter_than_its_default(
+    tmp_path: Path,
+) -> None:
+    """timeouts.close_flush is at most timeouts.tunnel, but the shipped template
+    wrote `close_flush = 10.0`, so an operator's tunnel under 10 s was refused
+    for a value they never chose; with close_flush unset, the default 10 stood
+    past such a tunnel unjudged. Unset, it is now 10 s or the tunnel when
+    shorter (and handed over still unset); set, it is judged as before, the
+    error naming the way out that removing it is."""
+    from importlib import resources
+
+    from fleet_ingress.config.settings import config_from_json, config_to_json
+
+    template = (resources.files("fleet_ingress.config") / "templates" / "ingress.toml").read_text()
+    assert "\ntunnel = 3600.0\n" in template
+    lowered = template.replace("\ntunnel = 3600.0\n", "\ntunnel = 5\n")
+    shipped = load_config(write(tmp_path, lowered))
+    assert (shipped.timeouts.tunnel, shipped.timeouts.close_flush) == (5, 5)
+    assert load_config(write(tmp_path, "[timeouts]\ntunnel = 4\n")).timeouts.close_flush == 4
+    assert load_config(write(tmp_path, "[timeouts]\ntunnel = 60\n")).timeouts.close_flush == 10
+    kept = load_config(write(tmp_path, "[timeouts]\ntunnel = 5\nclose_flush = 2\n"))
+    assert kept.timeouts.close_flush == 2
+    unset = config_from_dict({"timeouts": {"tunnel": 5}})
+    assert "close_flush" not in json.loads(config_to_json(unset))["timeouts"]
+    handed = config_from_json(config_to_json(unset), base_dir=tmp_path)
+    assert handed.timeouts.close_flush == 5
+    (said,) = problems({"timeouts": {"tunnel": 5, "close_flush": 10}})
+    assert "timeouts.close_flush: must be at most timeouts.tunnel, 5 seconds (got 10)" in said
+    assert "remove timeouts.close_flush (unset, it is 10 seconds, or timeouts.tunnel" in said
+
+
 def test_a_supervisor_of_a_release_without_the_upper_bounds_hands_its_values_over(
     tmp_path: Path,
 ) -> None:

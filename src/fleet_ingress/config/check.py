@@ -62,6 +62,7 @@ def run_check(
     probe: bool = False,
     before_start: bool = False,
     running: Callable[[IngressConfig], list[str]] | None = None,
+    asks: bool = True,
 ) -> int:
     """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not.
 
@@ -77,12 +78,17 @@ def run_check(
 
     `running`: what the running service says against this configuration
     (ops.service_environment: where its environment differs from this
-    one's), warnings; not before a start, when none runs."""
+    one's), warnings; not before a start, when none runs.
+
+    `asks`: False for the upgrade's trial run (cli.CHECK_TRIAL_ARGUMENT): neither
+    `running` nor the fleets' lookups are asked. Both say warnings alone,
+    which the trial does not read (its environment is the running service's,
+    handed down), and each took up to 2 s of a niced process's wait."""
     out = out or sys.stdout
     config, fleets, lines = _check(path)
-    if running is not None and config is not None and not before_start:
+    if running is not None and config is not None and not before_start and asks:
         lines += [f"{WARNING}{line}" for line in running(config)]
-    if config is not None and fleets and not before_start:
+    if config is not None and fleets and not before_start and asks:
         # Not before a start: a start waits on no resolver (network-online.target
         # may come before DNS answers). Before a reload, LOOKUP_BUDGET at most.
         lines += [

@@ -274,6 +274,11 @@ def _retry_condition(item: Any) -> str | int:
     )
 
 
+# timeouts.close_flush unset, where timeouts.tunnel is not shorter (net.proxy's
+# CLOSE_FLUSH_TIMEOUT: what a context built without a configuration uses).
+CLOSE_FLUSH_DEFAULT = 10.0
+
+
 class TimeoutsSection(_Section):
     connect: Seconds = 3.0
     response: Seconds = 5.0
@@ -296,7 +301,10 @@ class TimeoutsSection(_Section):
     # long when it is above tls_socket.CLOSE_TIMEOUT (10 s). At most `tunnel`:
     # a side whose peer reads nothing is a call with no bytes either way, which
     # is not held past `tunnel` while both are open (`_close_flush_within_tunnel`).
-    close_flush: Seconds = 10.0
+    # Unset, it is CLOSE_FLUSH_DEFAULT or `tunnel` when that is shorter
+    # (`_unset_close_flush_follows_tunnel`): a tunnel of 5 s was refused for a
+    # default nobody wrote, or, unset, left past it unjudged.
+    close_flush: Seconds = CLOSE_FLUSH_DEFAULT
 
     @field_validator("close_flush")
     @classmethod
@@ -308,10 +316,18 @@ class TimeoutsSection(_Section):
                 f"must be at most timeouts.tunnel, {tunnel:g} seconds (got {value:g}): it "
                 "bounds how long a closing side waits for its peer to read, and a call "
                 "with no bytes either way is closed after timeouts.tunnel; a flush takes "
-                "seconds (the default is 10): write seconds, not milliseconds, or raise "
-                "timeouts.tunnel"
+                f"seconds: write seconds, not milliseconds, or raise timeouts.tunnel, or "
+                f"remove timeouts.close_flush (unset, it is {CLOSE_FLUSH_DEFAULT:g} seconds, "
+                "or timeouts.tunnel when shorter)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _unset_close_flush_follows_tunnel(self) -> Self:
+        if "close_flush" not in self.model_fields_set and self.close_flush > self.tunnel:
+            self.close_flush = self.tunnel
+            self.model_fields_set.discard("close_flush")  # still unset, as written
+        return self
 
     def old_generation_drain(self) -> float:
         """Seconds an upgrade's old generation keeps its calls before closing
@@ -604,7 +620,10 @@ def config_to_json(config: IngressConfig) -> str:
     (None included: never written in a file) left out, as a file leaves it out,
     so that code of another release (a replacement worker started while the
     venv holds it) reads only the keys set, as it would read the file."""
-    return json.dumps(config.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
+    data = config.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    if "close_flush" not in config.timeouts.model_fields_set:  # unset, it follows tunnel
+        data.get("timeouts", {}).pop("close_flush", None)
+    return json.dumps(data)
 
 
 def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
