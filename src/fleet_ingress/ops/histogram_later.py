@@ -20,7 +20,6 @@ import functools
 import math
 import operator
 import threading
-from collections import Counter
 from collections.abc import Iterable
 
 from prometheus_client import Histogram
@@ -63,11 +62,16 @@ class HistogramAddedUpLater(Histogram):
             total = self._sum
             total.set(functools.reduce(operator.add, amounts, total.get()))
             bounds = self._upper_bounds  # ascending, the last +Inf
-            buckets = self._buckets
-            # NaN is in no bucket (`amount <= bound` is never true for it).
-            landed = Counter(bisect.bisect_left(bounds, a) for a in amounts if a <= math.inf)
-            for i, count in landed.items():
-                buckets[i].inc(count)
+            # Counted in a list, not a Counter: Counter(iterable) asks
+            # isinstance(iterable, Mapping), an ABC's check that cost more than
+            # the rest of the add-up (callgrind, session 46).
+            landed = [0] * len(bounds)
+            for amount in amounts:
+                if amount <= math.inf:  # NaN is in no bucket: `amount <= bound` never holds
+                    landed[bisect.bisect_left(bounds, amount)] += 1
+            for bucket, count in zip(self._buckets, landed, strict=True):
+                if count:
+                    bucket.inc(count)
 
     def _child_samples(self) -> Iterable[Sample]:
         self.add_up()
