@@ -126,6 +126,10 @@ _SILENCE_WHY = {
     Silence.FLEET_STALLED: "fleet: stopped reading (nothing taken for tcp_user_timeout)",
 }
 
+# What an end reason is called in counts and on the access line: a lookup (an
+# enum's `.value` is a property, two Python calls).
+_REASON_WORD = {reason: reason.value for reason in EndReason}
+
 _ids = itertools.count(1)
 
 
@@ -362,17 +366,20 @@ class Call:
         # the first: the same fields, none of which changes in a call's life),
         # not made again; a call that asked no slot has it made now.
         described = self._described
+        # What the properties say, read here once each (a Python call a read).
+        fleet = self.fleet
+        end_reason = None if machine is None else machine.end_reason
         record = {
             **(self.identity() if described is None else described),
-            "fleet": self.fleet.name if self.fleet else None,
-            "status": self.status,
-            "attempts": self.attempts,
+            "fleet": None if fleet is None else fleet.name,
+            "status": None if machine is None else machine.status,
+            "attempts": 0 if machine is None else machine.attempt,
             "queued_ms": None if self.queued_ms is None else round(self.queued_ms, 1),
             "handshake_ms": None if self.handshake_ms is None else round(self.handshake_ms, 1),
             "duration_s": round((self.ended_mono or time.monotonic()) - self.started_mono, 3),
             "bytes_from_carrier": self.bytes_from_carrier,
             "bytes_to_carrier": self.bytes_to_carrier,
-            "end_reason": self.end_reason.value if self.end_reason else None,
+            "end_reason": None if end_reason is None else _REASON_WORD[end_reason],
             # The ingress's own answer, for a call it refused (which 503, which 502);
             # what failed, for a call a side's error ended.
             "detail": None if machine is None else machine.answer_text or machine.error_text,
@@ -493,14 +500,17 @@ class Registry:
         self.calls.discard(call)
         self.closing.add(call)
         call.ended_mono = time.monotonic()
-        call.bytes_at_end = (call.bytes_from_carrier, call.bytes_to_carrier)
-        self.ended_bytes_from_carrier += call.bytes_from_carrier
-        self.ended_bytes_to_carrier += call.bytes_to_carrier
+        # Each of Call's properties read once (a Python call each read).
+        from_carrier, to_carrier = call.bytes_from_carrier, call.bytes_to_carrier
+        call.bytes_at_end = (from_carrier, to_carrier)
+        self.ended_bytes_from_carrier += from_carrier
+        self.ended_bytes_to_carrier += to_carrier
         fleet = call.fleet
-        reason = call.end_reason.value if call.end_reason else "unknown"
+        machine = call.machine
+        end_reason = None if machine is None else machine.end_reason
+        reason = "unknown" if end_reason is None else _REASON_WORD[end_reason]
         self.ended[(fleet.name if fleet else "", reason)] += 1
-        if call.end_reason is EndReason.REFUSED:
-            machine = call.machine
+        if end_reason is EndReason.REFUSED:
             own = machine is None or machine.answer_text is not None
             who = REFUSED_BY_INGRESS if own else REFUSED_BY_FLEET
             self.refused[(who, str(call.status))] += 1

@@ -644,7 +644,9 @@ class CarrierProtocol(_Side):
             return
         self._feeding = True
         try:
-            self._run(self.machine.feed(event))
+            # `_run`'s loop, here: about nine events a call, a Python call each.
+            for command in self.machine.feed(event):
+                _COMMANDS[type(command)](self, command)
             while self._events:
                 self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
         except Exception as exc:
@@ -1215,7 +1217,7 @@ class CarrierProtocol(_Side):
         underway = self._underway if command.timer is Timer.CONNECT else None
         answered = None if underway is None else underway.answered
         self._timers[command.timer] = PatientTimer(
-            self._running_loop(),
+            self._loop or self._running_loop(),  # set at connection_made: three a call
             command.seconds,
             self._timer_fired,
             command.timer,

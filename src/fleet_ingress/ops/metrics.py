@@ -40,6 +40,7 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.fleet_sessions import FLEET_HANDSHAKE_KINDS
+from fleet_ingress.ops.histogram_later import HistogramAddedUpLater
 from fleet_ingress.ops.local_counts import (
     CALL_DURATION,
     HANDSHAKE,
@@ -94,7 +95,8 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
 
 def _histogram(key: Key, registry: CollectorRegistry) -> Histogram:
     doc, buckets = HISTOGRAMS[key]
-    return Histogram(f"{PREFIX}_{key[0]}", doc, buckets=buckets, registry=registry)
+    # Observed a call (twice), read a second: added up when read.
+    return HistogramAddedUpLater(f"{PREFIX}_{key[0]}", doc, buckets=buckets, registry=registry)
 
 
 # The probes' histogram is made this many fleets (13 samples each) at a time.
