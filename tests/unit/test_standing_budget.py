@@ -378,3 +378,25 @@ def test_a_lone_budget_past_the_fleets_estimate_is_taken_back(change: str) -> No
     else:
         a.reported_available, a.opened_at_probe = 4, a.opened_total  # the next probe
     assert slots.end_standing(fleets_changed=True, lone="w1") == ["w1"]
+
+
+def test_a_lone_worker_whose_channel_is_lost_keeps_its_budgets_rest_counted_as_calls() -> None:
+    """Its process runs on without a channel: it may have granted calls from its
+    lone budget whose held "acquire" never came. What was left of the budget
+    counts as its calls (an upper bound) until it exits: maxconn holds. Taken
+    back as free instead (before), a fleet of maxconn 2 with 2 calls granted
+    and held read 0 calls: the next worker's calls went past maxconn
+    (tests/e2e/test_upgrade.py's channel-lost worker read 0 calls, not 2)."""
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    assert isinstance(slots.acquire("w1", 1, [], 0.0), Granted)  # told: a call
+    slots.give_standing("w1", {"a": 3}, lone=True)
+    row, answers = slots.leave("w1", keep_held=True)
+    assert row is not None and row.channel_lost and answers == []
+    assert (a.active, a.standing, row.calls) == (4, 0, 4)
+    slots.join("w2", pid=2, generation=1)
+    assert slots.acquire("w2", 1, [], 0.0) is None  # no room: it waits
+    row, answers = slots.release_kept("w1")
+    assert [(g.worker, g.lease) for g in answers] == [("w2", 1)] and a.active == 1

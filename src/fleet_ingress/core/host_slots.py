@@ -228,7 +228,25 @@ class HostSlots:
         if row is None:
             return None, []
         # Its standing budget ends with its channel (the worker's ends there too).
+        # A lone one's grants are held by its worker (`slot_client`): its process
+        # running on, it may have granted from it calls this table never heard
+        # of, so what was left of it is kept counted as its calls until it
+        # exits (an upper bound, as `count_budget`'s: maxconn holds).
+        unheard = (
+            [
+                row.standing_fleets[name]
+                for name, n in row.standing.slots().items()
+                for _ in range(n)
+            ]
+            if keep_held and row.standing is not None and row.standing_lone
+            else []
+        )
         self._unreserve(row)
+        below = min(row.held, default=0)
+        start = below if below < 0 else 0  # under any negative id `reserve` used
+        for i, fleet in enumerate(unheard, 1):
+            fleet.active += 1
+            row.held[start - i] = fleet
         if keep_held and row.held:
             row.channel_lost = True
             for lease, fleet in row.held.items():

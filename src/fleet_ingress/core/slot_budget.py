@@ -44,6 +44,11 @@ longer be picked, the supervisor takes every budget back ("budget-end"); the
 worker drops what is left and says so ("budget-dropped"), and only then are
 those slots free (`HostSlots.drop_standing`): the queue stays FIFO but for the
 calls granted while "budget-end" was on its way (one round trip).
+
+A lone worker's budget (session 46, `standing_share(lone=True)`): while one
+worker is the only one it is given every free slot (no share kept back), and
+it ends as soon as another worker joins (`HostSlots.end_standing(lone=...)`),
+the others' messages parked until it is dropped (`net.slot_server`).
 """
 
 from __future__ import annotations

@@ -1626,6 +1626,10 @@ class SlotServer:
             row = slots.find_row(channel.key)
             if row is None or row.standing is not None or row.channel_lost:
                 continue
+            if self._parks(channel):
+                # A lone budget being taken back holds every free slot: given
+                # once it is dropped (its "budget-dropped" looks again).
+                continue
             if now is None:
                 now = channel.loop.time()
             if not fleets_changed and now < channel.standing_retry_at:
