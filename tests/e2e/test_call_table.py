@@ -1,5 +1,6 @@
 """A worker's call table (`net.call_table_map`, docs/WORKERS.md "The call
-table") with standing budgets held (INGRESS_STANDING_BUDGETS=held): a worker
+table") with standing budgets held (INGRESS_STANDING_BUDGETS=held), and with
+the lone worker's budget of the default (session 46, its grants held): a worker
 SIGKILLed at any moment gets one access line per call it took with it, and
 none for a call it had ended and logged, whatever of its held messages
 ("acquire", "logged", "release") reached the supervisor. Real processes,
@@ -33,15 +34,24 @@ pytestmark = pytest.mark.uvloop_only
 HELD = {"INGRESS_STANDING_BUDGETS": "held"}
 
 
-async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet]) -> RunningIngress:
-    """One worker (every call on it), standing budgets held; warmed by a call
+@pytest.fixture(params=["held", "lone"])
+def budget_env(request) -> dict[str, str]:
+    """Standing budgets held (the experiment switch), or none set: the only
+    worker's lone budget, its grants held (the default, session 46)."""
+    return HELD if request.param == "held" else {}
+
+
+async def _start(
+    tls_files: TLSFiles, sims: list[SimulatedFleet], env: dict[str, str] = HELD
+) -> RunningIngress:
+    """One worker (every call on it), its grants held (`env`); warmed by a call
     so that the worker holds its standing budget before the calls tested."""
     service = await RunningIngress.start(
         tls_files,
         [f"{sim.url} name={sim.name} maxconn=16" for sim in sims],
         workers=1,
         check_timeout=5,
-        env=HELD,
+        env=env,
     )
     service = await fleets_up_or_finished(service)
     ws = await _open(service, tls_files, "warm")
@@ -85,12 +95,12 @@ async def _slots_back_and_replaced(service: RunningIngress, victim: int, killed_
 
 
 async def test_a_worker_killed_right_after_granting_calls_gets_one_lost_line_per_call(
-    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], budget_env: dict[str, str]
 ) -> None:
     """The calls are granted from the standing budget, their "acquire" held
     (up to ANSWERS_FLUSH): killed before it went, the supervisor had not
     heard of them. Before the table, no line for them (SPEC 13 broken)."""
-    service = await _start(tls_files, two_fleets)
+    service = await _start(tls_files, two_fleets, budget_env)
     calls: list[ClientConnection] = []
     try:
         (victim,) = (await service.stats())["workers"]
@@ -116,13 +126,13 @@ async def test_a_worker_killed_right_after_granting_calls_gets_one_lost_line_per
 
 
 async def test_a_worker_killed_right_after_logging_calls_writes_no_second_line(
-    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], budget_env: dict[str, str]
 ) -> None:
     """The calls end (the carrier closes), their lines written by the worker,
     their "logged" and "release" held (up to ANSWERS_FLUSH): killed before
     they went, the supervisor still had the calls open. Before the table, it
     wrote a second line for each ("lost with it"), counted them lost."""
-    service = await _start(tls_files, two_fleets)
+    service = await _start(tls_files, two_fleets, budget_env)
     calls: list[ClientConnection] = []
     try:
         (victim,) = (await service.stats())["workers"]

@@ -51,11 +51,11 @@ async def test_budget_grants_while_away_and_the_table_taken_back_counts_them() -
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         key_new = await server.adopt(ours)
-        # Asked (no standing budget, whatever INGRESS_STANDING_BUDGETS says): the
+        # Asked (no standing budget nor a lone one, whatever INGRESS_STANDING_BUDGETS says): the
         # exec's budget alone, its counts exact (tests/e2e/test_standing_budget_channel.py
         # has the exec's over a standing one).
         client = await SlotClient.connect(
-            sock=theirs, pid=1001, generation=1, answer_timeout=10, standing=False
+            sock=theirs, pid=1001, generation=1, answer_timeout=10, standing=False, lone=False
         )
         # A worker that goes silent once it has its budget (a stopped process),
         # and one of a release before budgets: raw peers.
@@ -130,11 +130,11 @@ async def test_calls_granted_from_a_budget_are_counted_once_as_the_hosts_grants(
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         key = await server.adopt(ours)
-        # Asked (no standing budget, whatever INGRESS_STANDING_BUDGETS says): the
+        # Asked (no standing budget nor a lone one, whatever INGRESS_STANDING_BUDGETS says): the
         # exec's budget alone, its counts exact (tests/e2e/test_standing_budget_channel.py
         # has the exec's over a standing one).
         client = await SlotClient.connect(
-            sock=theirs, pid=1001, generation=1, answer_timeout=10, standing=False
+            sock=theirs, pid=1001, generation=1, answer_timeout=10, standing=False, lone=False
         )
         await eventually(lambda: len(server.slots.workers) == 1)
         held = await client.lease()

@@ -55,10 +55,13 @@ class Host:
         max_queue: int = 8,
         *,
         standing: bool = False,
+        lone: bool = False,
     ) -> None:
         """`standing`: its workers take standing grant budgets (as with
-        INGRESS_STANDING_BUDGETS=1), whatever this process's environment says."""
+        INGRESS_STANDING_BUDGETS=1), whatever this process's environment says;
+        `lone`: a lone worker's budget (the default, session 46)."""
         self.standing = standing
+        self.lone = lone
         self.slots = HostSlots(_balancer(maxconn), queue_timeout=queue_timeout, max_queue=max_queue)
         self.server = SlotServer(self.slots)
         self.clients: list[SlotClient] = []
@@ -72,6 +75,7 @@ class Host:
             generation=generation,
             answer_timeout=answer_timeout,
             standing=self.standing,
+            lone=self.lone,
         )
         self.clients.append(client)
         await eventually(lambda: len(self.slots.workers) == len(self.clients))
@@ -90,10 +94,11 @@ class Host:
         await self.server.close()
 
 
-async def _hosts(standing: bool):
+async def _hosts(standing: bool, lone: bool = False):
     made: list[Host] = []
 
     def make(**kw) -> Host:
+        kw.setdefault("lone", lone)
         made.append(Host(**kw, standing=standing))
         return made[-1]
 
@@ -102,12 +107,13 @@ async def _hosts(standing: bool):
         await h.close()
 
 
-@pytest.fixture(params=[False, True], ids=["asked", "standing"])
+@pytest.fixture(params=["asked", "standing", "lone"])
 async def host(request):
     """Hosts whose workers ask the supervisor for every slot, or (the same
-    tests again) take standing grant budgets (`core.slot_budget`): what these
-    tests say holds in both modes, whatever INGRESS_STANDING_BUDGETS says."""
-    async for make in _hosts(request.param):
+    tests again) take standing grant budgets (`core.slot_budget`), or a lone
+    worker's budget (the default, session 46): what these tests say holds in
+    every mode, whatever INGRESS_STANDING_BUDGETS says."""
+    async for make in _hosts(request.param == "standing", request.param == "lone"):
         yield make
 
 
@@ -117,7 +123,8 @@ async def asked_host():
     off, whatever INGRESS_STANDING_BUDGETS says): for the tests that check,
     message by message, what the supervisor's table holds the moment a lease
     returns, or that a grant is the supervisor's (with a standing budget the
-    worker grants it itself and tells the table after, ANSWERS_FLUSH at most)."""
+    worker grants it itself and tells the table after, ANSWERS_FLUSH at most;
+    no lone worker's budget either)."""
     async for make in _hosts(False):
         yield make
 
@@ -424,7 +431,7 @@ async def test_a_fleets_429_makes_it_full_where_slots_are_handed_out(host, kind)
     a.reported_available, a.opened_at_probe = 3, a.opened_total  # its next probe
     if h is not None:
         h.server.wake()
-        if h.standing:  # budgets it was not in are given anew with it (a round trip)
+        if h.standing or h.lone:  # budgets it was not in are given anew with it (a round trip)
             await eventually(
                 lambda: a.standing > 0 and all(r.standing_taken for r in h.slots.workers)
             )
@@ -1686,106 +1693,174 @@ def _ops_read(h: Host) -> list[tuple[str, object]]:
     return read
 
 
-async def test_a_lone_workers_release_rides_its_next_acquire(asked_host):
-    """The only worker, nobody waiting: the supervisor lets its releases wait
-    ("releases"), so a recorded call's release goes with the worker's next
-    write, its next "acquire" most often (one wake-up of the supervisor a
-    call, not two), read before it: the grant counts the slot given back.
-    Before, every release went at once."""
-    h = asked_host(maxconn=1)
+def _lone_row(h: Host):
+    (row,) = h.slots.workers
+    return row
+
+
+async def _lone_budget_taken(h: Host, client: SlotClient) -> None:
+    row = next(r for r in h.slots.workers if r.pid == client.pid)
+    await eventually(lambda: row.standing_lone and row.standing_taken and client._lone)
+
+
+async def test_a_lone_worker_is_given_every_free_slot_and_holds_its_grants(asked_host):
+    """The only worker, nobody waiting: it is given every free slot of each
+    fleet as a standing budget ("lone"), grants its calls from it at once and
+    holds their "acquire" (a recorded call) and their release into it for its
+    next write, or ANSWERS_FLUSH: the supervisor reads none of a call's
+    messages as it is granted (0 wake-ups, where main reads its "acquire" and
+    answers it). maxconn holds: calls and reserved slots never pass it. On
+    main no budget is given (`standing_lone` does not exist; the row has none)."""
+    h = asked_host(maxconn=2, lone=True)
     w1 = await h.worker()
-    fd = _with_table(w1, 4)
+    fd = _with_table(w1, 8)
     try:
-        await eventually(lambda: w1._releases_wait)
+        await _lone_budget_taken(h, w1)
+        fleets = {f.name: f for f in h.slots.balancer.fleets}
+        assert {n: f.standing for n, f in fleets.items()} == {"a": 2, "b": 2}
         read = _ops_read(h)
+        granted_at = time.monotonic()
         first = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
         second = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
-        assert {first.fleet.name, second.fleet.name} == {"a", "b"}
-        read.clear()
-        released_at = time.monotonic()
-        first.release()
+        assert first.queued_s == 0.0 and {first.fleet.name, second.fleet.name} == {"a", "b"}
         await asyncio.sleep(0.02)
-        if time.monotonic() - released_at < ANSWERS_FLUSH / 2:
-            assert read == [] and sum(h.active().values()) == 2  # held: not read yet
-        third = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})
-        assert third.fleet.name == first.fleet.name and third.queued_s == 0.0
-        assert read[:2] == [("release", first.id), ("acquire", third.id)]
-        second.release()  # nothing follows: told ANSWERS_FLUSH after
-        await eventually(lambda: sum(h.active().values()) == 1)
+        if time.monotonic() - granted_at < ANSWERS_FLUSH / 2:
+            assert read == []  # held: nothing read yet
+        first.call_logged()
+        first.release()  # back into the budget: held too
+        await eventually(lambda: len(read) >= 3)
+        assert read[:3] == [("acquire", first.id), ("acquire", second.id), ("release", first.id)]
+        assert {n: (f.active, f.standing) for n, f in fleets.items()} == {
+            first.fleet.name: (0, 2),
+            second.fleet.name: (1, 1),
+        }
+        for f in fleets.values():
+            assert f.active + f.standing <= f.maxconn
     finally:
         os.close(fd)
 
 
-async def test_a_second_worker_is_granted_on_counts_with_the_first_ones_held_releases(asked_host):
-    """A second worker joins while the first holds a release: the first is told
-    its releases no longer wait and says so once it has written them; the
-    second's "acquire" is read only then (parked meanwhile), so it is granted
-    the slot given back at once, not queued behind a count one too high."""
-    h = asked_host(maxconn=1)
+async def test_a_look_at_the_host_reads_the_lone_workers_held_grants_first(asked_host):
+    """Stats are exact when someone looks: a scrape or `stat` asks every worker
+    for a report (`collect_reports`), and the lone worker's answer carries what
+    it held (its grants, its releases) ahead of it: once it is read, the
+    fleets' calls count every call granted, however recent. (On main the
+    grants are not held: the first assertion fails.)"""
+    h = asked_host(maxconn=4, lone=True)
+    w1 = await h.worker()
+    fd = _with_table(w1, 8)
+    try:
+        await _lone_budget_taken(h, w1)
+        granted_at = time.monotonic()
+        leases = [await w1.lease(call={"call_id": n, "bot_id": f"b{n}"}) for n in range(3)]
+        if time.monotonic() - granted_at < ANSWERS_FLUSH / 2:
+            assert sum(h.active().values()) == 0  # held: not told yet
+        assert await h.server.collect_reports(2.0) == 0
+        assert sum(h.active().values()) == 3  # read before the report: exact at the look
+        assert _lone_row(h).calls == 3
+        leases[0].release()
+        assert await h.server.collect_reports(2.0) == 0
+        assert sum(h.active().values()) == 2
+    finally:
+        os.close(fd)
+
+
+async def test_a_second_workers_hello_ends_the_lone_budget_before_it_is_granted(asked_host):
+    """A second worker joins while the first holds a lone budget, a grant from
+    it held and a release into it held: the budget is taken back at the hello,
+    and the second worker's "acquire" is read only once the first has dropped
+    it (after its held grant and release): it is granted the fleet leastconn
+    names host-wide, at once, never past maxconn. On main no lone budget is given."""
+    h = asked_host(maxconn=1, lone=True)
     w1 = await h.worker()
     fd = _with_table(w1, 4)
+    fleets = {f.name: f for f in h.slots.balancer.fleets}
+    most = 0
+
+    def watch() -> None:
+        nonlocal most
+        most = max(most, *(f.active + f.standing for f in fleets.values()))
+
     try:
-        await eventually(lambda: w1._releases_wait)
+        await _lone_budget_taken(h, w1)
         held = [await w1.lease(call={"call_id": n, "bot_id": f"bot-{n}"}) for n in (1, 2)]
-        held[0].release()  # held by w1: the table still counts both fleets full
-        assert sum(h.active().values()) == 2
+        held[0].release()  # held by w1, into its budget
+        watch()
+        read = _ops_read(h)
         w2 = await h.worker()
-        await eventually(lambda: not w1._releases_wait)
-        lease = await w2.lease()
+        lease = await asyncio.wait_for(w2.lease(), 2)
+        watch()
         assert lease.fleet.name == held[0].fleet.name and lease.queued_s == 0.0
         assert h.slots.queue_length == 0 and sum(h.active().values()) == 2
+        # w2's lease id is read after w1's "budget-dropped" (w1's own ids come before).
+        assert read[read.index(("budget-dropped", None)) + 1 :] == [("acquire", lease.id)]
+        assert all(r.standing is None for r in h.slots.workers)
         await asyncio.sleep(0.05)
-        assert not w1._releases_wait and not w2._releases_wait  # two workers: none wait
+        assert w1._budget is None and w2._budget is None  # two workers: no lone budget
+        watch()
+        assert most <= 1
     finally:
         os.close(fd)
 
 
-async def test_a_call_that_must_wait_takes_the_lone_workers_releases_off_waiting(asked_host):
-    """A call waits in the queue: the worker's releases go at once again, so the
-    waiting call is granted when a slot is given back, not ANSWERS_FLUSH later."""
-    h = asked_host(maxconn=1, queue_timeout=5.0)
+async def test_a_call_that_must_wait_takes_the_lone_budget_back(asked_host):
+    """A call waits in the queue: the lone budget is taken back, so the worker's
+    releases go at once again and the waiting call is granted when a slot is
+    given back, not ANSWERS_FLUSH later; given again once nobody waits."""
+    h = asked_host(maxconn=1, queue_timeout=5.0, lone=True)
     w1 = await h.worker()
     fd = _with_table(w1, 4)
     try:
-        await eventually(lambda: w1._releases_wait)
+        await _lone_budget_taken(h, w1)
         held = [await w1.lease(call={"call_id": n, "bot_id": f"bot-{n}"}) for n in (1, 2)]
         waiting = asyncio.ensure_future(w1.lease(call={"call_id": 3, "bot_id": "bot-3"}))
-        await eventually(lambda: h.slots.queue_length == 1 and not w1._releases_wait)
+        await eventually(lambda: h.slots.queue_length == 1 and w1._budget is None)
         released_at = time.monotonic()
         held[0].release()
         granted = await asyncio.wait_for(waiting, 2)
         assert time.monotonic() - released_at < ANSWERS_FLUSH / 2 or granted.queued_s > 0
         assert granted.fleet.name == held[0].fleet.name
-        await eventually(lambda: w1._releases_wait)  # nobody waits: they wait again
+        held[1].release()
+        # Nobody waits: given again at the next look (its next call, or a probe).
+        await eventually(lambda: sum(h.active().values()) == 1)
+        h.server.wake()
+        await _lone_budget_taken(h, w1)
     finally:
         os.close(fd)
 
 
-async def test_a_worker_gone_with_releases_held_gives_every_slot_back_and_loses_no_call(
+async def test_a_lone_worker_gone_with_grants_and_releases_held_gives_every_slot_back(
     asked_host,
 ):
-    """Its channel ends with a release unwritten: every slot it held comes back
-    (as for any worker gone), and the released call is no lost call (its
-    record freed in the table: `lost_with_table`); the call still live is."""
+    """Its channel ends (SIGKILL's effect here) with a grant and a release
+    unwritten: every slot it held or had reserved comes back at once, the
+    call granted and held is lost (named by its record in the table, though
+    its "acquire" never came), the released one is not (its record freed)."""
     from fleet_ingress.core.lost_calls import lost_with_table
     from fleet_ingress.net.call_table_map import read_table_fd
 
-    h = asked_host(maxconn=2)
+    h = asked_host(maxconn=2, lone=True)
     w1 = await h.worker()
     (key,) = [row.worker for row in h.slots.workers]
     fd = _with_table(w1, 4)
     try:
-        await eventually(lambda: w1._releases_wait)
-        ended = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
-        await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        await _lone_budget_taken(h, w1)
+        told = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        assert await h.server.collect_reports(2.0) == 0  # its acquire read
+        ended = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+        unread = await w1.lease(call={"call_id": 3, "bot_id": "bot-3"})  # held
         ended.call_logged()
         ended.release()  # held
-        assert sum(h.active().values()) == 2
-        w1.close()
+        assert told.held and unread.held
+        w1._cancel_flush()  # dies before its flush
+        w1._transport.abort()
         await eventually(lambda: not h.slots.workers)
-        assert sum(h.active().values()) == 0
+        assert {f.name: (f.active, f.standing) for f in h.slots.balancer.fleets} == {
+            "a": (0, 0),
+            "b": (0, 0),
+        }
         lost = lost_with_table(h.server.take_calls(key), read_table_fd(fd))
-        assert [c["call_id"] for c in lost.values()] == [2]
+        assert sorted(c["call_id"] for c in lost.values()) == [1, 3]
     finally:
         os.close(fd)
 
@@ -1794,21 +1869,18 @@ async def test_a_worker_gone_with_releases_held_gives_every_slot_back_and_loses_
 async def test_a_second_workers_many_parked_messages_are_each_read_once_in_order(
     asked_host, monkeypatch
 ):
-    """A second worker joins while the lone one's releases may wait and asks
-    for three slots before the first has said what it held (busy, it reads
-    "releases" late): once it has, each parked message is read once, in
-    order: two granted at once, the third queued (no room) and granted the
-    first slot given back. Before, with two or more parked, each one read
-    went back behind the others still parked (`_handle` parked it again) and
-    the supervisor looped there for good: hung at a second worker's join (a
-    replacement after a crash, an upgrade's new generation) whenever its
-    first calls came within the first worker's answer."""
-    monkeypatch.setattr("fleet_ingress.net.slot_server.RELEASES_TOLD_WAIT", 30.0)  # told, not timed
-    h = asked_host(maxconn=1, queue_timeout=5.0)
+    """A second worker joins while the lone one holds its budget and asks for
+    three slots before the first has dropped it (busy, it reads "budget-end"
+    late): once it has, each parked message is read once, in order: two
+    granted at once, the third queued (no room) and granted the first slot
+    given back. (Session 45: with two or more parked, each one read went
+    back behind the others still parked and the supervisor looped for good.)"""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 30.0)  # told, not timed
+    h = asked_host(maxconn=1, queue_timeout=5.0, lone=True)
     w1 = await h.worker()
-    await eventually(lambda: w1._releases_wait)
+    await _lone_budget_taken(h, w1)
     assert w1._transport is not None
-    w1._transport.pause_reading()  # busy: it reads "releases" false later
+    w1._transport.pause_reading()  # busy: it reads "budget-end" later
     w2 = await h.worker()
     (channel,) = [c for c in h.server._channels.values() if c.pid == w2.pid]
     handle, reads = h.server._handle, Counter[str]()
@@ -1830,3 +1902,27 @@ async def test_a_second_workers_many_parked_messages_are_each_read_once_in_order
     first.release()
     third = await asyncio.wait_for(asked[2], 5)
     assert third.fleet.name == first.fleet.name
+
+
+async def test_a_lone_worker_that_does_not_drop_its_budget_holds_the_others_a_second_at_most(
+    asked_host, monkeypatch
+):
+    """The lone worker does not answer "budget-end" (stopped): the second
+    worker's messages are read LONE_END_WAIT after, by a timer put off after a
+    stall of the supervisor's own loop; its slots stay reserved meanwhile, so
+    the second's call waits for them and maxconn holds."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 0.3)
+    h = asked_host(maxconn=1, queue_timeout=5.0, lone=True)
+    w1 = await h.worker()
+    await _lone_budget_taken(h, w1)
+    assert w1._transport is not None
+    w1._transport.pause_reading()
+    w2 = await h.worker()
+    asked = asyncio.ensure_future(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 1, timeout=3)
+    assert not asked.done()
+    for f in h.slots.balancer.fleets:
+        assert f.active + f.standing <= f.maxconn
+    w1._transport.resume_reading()
+    granted = await asyncio.wait_for(asked, 5)
+    assert granted.queued_s > 0

@@ -618,7 +618,9 @@ async def test_a_fleet_forgotten_while_granted_to_a_call_that_gave_up_leaves_the
     await server.adopt(ours)
     # Asked (no standing budget, whatever INGRESS_STANDING_BUDGETS says): the
     # race is the supervisor's "granted" read with the forget.
-    w = await Client.connect(sock=theirs, pid=11, generation=1, answer_timeout=5, standing=False)
+    w = await Client.connect(
+        sock=theirs, pid=11, generation=1, answer_timeout=5, standing=False, lone=False
+    )
     w.reporter = WorkerReporter(Registry(), lambda: w.fleets.values(), {})
     try:
         task = asyncio.create_task(w.lease())

@@ -53,7 +53,12 @@ class Host:
             str(theirs.fileno()),
             str(generation),
             pass_fds=[theirs.fileno()],
-            env={**os.environ, "INGRESS_STANDING_BUDGETS": "1" if self.standing else ""},
+            # Standing: the shared budgets alone (a lone one would take every slot).
+            env={
+                **os.environ,
+                "INGRESS_STANDING_BUDGETS": "1" if self.standing else "",
+                "INGRESS_LONE_BUDGET": "0" if self.standing else "1",
+            },
         )
         theirs.close()  # the child's now: when it dies, the channel closes
         proc = worker.proc

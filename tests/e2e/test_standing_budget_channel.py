@@ -37,6 +37,7 @@ async def _standing_client(server: SlotServer, pid: int) -> tuple[int, SlotClien
         sock=theirs, pid=pid, generation=1, answer_timeout=10, hello=False
     )
     client.takes_standing = True
+    client.takes_lone = False  # the shared standing budget (a lone one: test_slot_channel.py)
     client.say_hello()
     return key, client
 
@@ -112,7 +113,7 @@ async def test_a_worker_that_does_not_say_standing_gets_no_standing_budget() -> 
         sock=theirs, pid=1002, generation=1, answer_timeout=10, hello=False
     )
     try:
-        client.takes_standing = False
+        client.takes_standing = client.takes_lone = False
         client.say_hello()
         await eventually(lambda: server.slots.get(key) is not None)
         lease = await asyncio.wait_for(client.lease(), 1)
@@ -263,7 +264,7 @@ async def test_a_budget_taken_back_before_the_exec_is_not_carried_past_a_waiting
         other = await SlotClient.connect(
             sock=theirs, pid=1008, generation=1, answer_timeout=10, hello=False
         )
-        other.takes_standing = False
+        other.takes_standing = other.takes_lone = False
         other.say_hello()
         client._transport.pause_reading()  # it reads "budget-end" only after the plan
         leases = [await asyncio.wait_for(other.lease(), 1) for _ in range(2)]

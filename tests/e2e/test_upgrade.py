@@ -2897,9 +2897,9 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
     old = _supervisor(tmp_path)
     ours, theirs = socket.socketpair()
     await old.server.adopt(ours, worker=(os.getpid(), 1))  # alive as long as the test
-    # Asked: a standing worker's own "budget-taken" could land inside the cut line.
+    # Asked: a standing (or lone) worker's own "budget-taken" could land inside the cut line.
     worker = await SlotClient.connect(
-        sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5, standing=False
+        sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5, standing=False, lone=False
     )
     new: Supervisor | None = None
     try:
@@ -2948,7 +2948,13 @@ async def _new_image_of(
     worker = None
     if answering:
         worker = await SlotClient.connect(
-            sock=theirs, pid=os.getpid(), generation=1, answer_timeout=30, standing=standing
+            sock=theirs,
+            pid=os.getpid(),
+            generation=1,
+            answer_timeout=30,
+            standing=standing,
+            # Asked (standing False): no lone budget either.
+            lone=None if standing is None else standing,
         )
     await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()] or not answering)
     fd = state_fd(old.upgrade._state_for_exec())

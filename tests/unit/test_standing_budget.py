@@ -312,3 +312,91 @@ def test_both_ends_keep_the_same_budget_whatever_the_order_of_grants_and_release
         for fleet in slots.balancer.fleets:
             assert fleet.standing == worker.slots()[fleet.name]
             assert fleet.active == sum(1 for n in held.values() if n == fleet.name)
+
+
+# -- a lone worker's budget (session 46) -----------------------------------------
+
+
+def test_a_lone_workers_share_is_every_free_slot_as_calls_would_see_it() -> None:
+    """The only worker's budget: every free slot of each fleet pick could
+    choose, no share kept back, no STANDING_MOST bound; still capped by the
+    capacity estimate (a fleet that reports 5 free gives 5, not its maxconn)."""
+    slots = _table(
+        "https://a.test name=a maxconn=100\nhttps://b.test name=b maxconn=2\n"
+        "https://c.test name=c maxconn=9\n"
+    )
+    a, b, c = slots.balancer.fleets
+    for f in (a, b, c):
+        f.health = Health.UP
+    c.reported_available, c.opened_at_probe = 5, c.opened_total
+    assert standing_share([a, b, c], 1, queue_length=0, most=None, lone=True) == {
+        "a": 100,
+        "b": 2,
+        "c": 5,
+    }
+    assert standing_share([a, b, c], 1, queue_length=1, most=None, lone=True) == {}
+
+
+def test_a_lone_budget_ends_when_its_worker_is_not_alone_and_not_before() -> None:
+    """`end_standing(lone=...)`: a lone budget stands while its worker is named
+    the only one (a slot granted or given back changes nothing), and is
+    taken back (once) as soon as it is not: a second worker joined, an exec
+    began (the caller passes None)."""
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 4}, lone=True)
+    assert slots.end_standing(fleets_changed=False, lone="w1") == []
+    assert slots.end_standing(fleets_changed=True, lone="w1") == []  # FULL with it: its own
+    assert a.active + a.standing == 4
+    slots.join("w2", pid=2, generation=1)
+    assert slots.end_standing(fleets_changed=False, lone=None) == ["w1"]
+    assert slots.end_standing(fleets_changed=False, lone=None) == []  # said once
+    assert slots.acquire("w2", 1, [], 0.0) is None  # reserved until dropped: it waits
+    answers = slots.drop_standing("w1")
+    assert [(g.worker, g.lease) for g in answers] == [("w2", 1)]
+
+
+@pytest.mark.parametrize("change", ["estimate fell", "429"])
+def test_a_lone_budget_past_the_fleets_estimate_is_taken_back(change: str) -> None:
+    """Reserving every free slot, a lone budget makes a capacity-aware fleet
+    read FULL from the start: that alone does not end it. It ends when a probe
+    counts fewer free workers than it reserved, or the fleet answers 429."""
+    slots = _table("https://a.test name=a maxconn=10\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    a.reported_available, a.opened_at_probe = 6, a.opened_total
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing(
+        "w1", standing_share([a], 1, queue_length=0, most=None, lone=True), lone=True
+    )
+    assert a.standing == 6 and a.full
+    assert slots.end_standing(fleets_changed=True, lone="w1") == []
+    if change == "429":
+        a.said_full()
+    else:
+        a.reported_available, a.opened_at_probe = 4, a.opened_total  # the next probe
+    assert slots.end_standing(fleets_changed=True, lone="w1") == ["w1"]
+
+
+def test_a_lone_worker_whose_channel_is_lost_keeps_its_budgets_rest_counted_as_calls() -> None:
+    """Its process runs on without a channel: it may have granted calls from its
+    lone budget whose held "acquire" never came. What was left of the budget
+    counts as its calls (an upper bound) until it exits: maxconn holds. Taken
+    back as free instead (before), a fleet of maxconn 2 with 2 calls granted
+    and held read 0 calls: the next worker's calls went past maxconn
+    (tests/e2e/test_upgrade.py's channel-lost worker read 0 calls, not 2)."""
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    assert isinstance(slots.acquire("w1", 1, [], 0.0), Granted)  # told: a call
+    slots.give_standing("w1", {"a": 3}, lone=True)
+    row, answers = slots.leave("w1", keep_held=True)
+    assert row is not None and row.channel_lost and answers == []
+    assert (a.active, a.standing, row.calls) == (4, 0, 4)
+    slots.join("w2", pid=2, generation=1)
+    assert slots.acquire("w2", 1, [], 0.0) is None  # no room: it waits
+    row, answers = slots.release_kept("w1")
+    assert [(g.worker, g.lease) for g in answers] == [("w2", 1)] and a.active == 1

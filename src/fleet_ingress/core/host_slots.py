@@ -136,6 +136,9 @@ class WorkerRow:
     standing_specs: dict[str, FleetSpec] = field(default_factory=dict)
     standing_taken: bool = False
     standing_ending: bool = False
+    # Its standing budget is a lone worker's (session 46): every free slot,
+    # given while it is the only worker, taken back as that ends (`end_standing`).
+    standing_lone: bool = False
 
     @property
     def unresponsive(self) -> bool:
@@ -225,7 +228,25 @@ class HostSlots:
         if row is None:
             return None, []
         # Its standing budget ends with its channel (the worker's ends there too).
+        # A lone one's grants are held by its worker (`slot_client`): its process
+        # running on, it may have granted from it calls this table never heard
+        # of, so what was left of it is kept counted as its calls until it
+        # exits (an upper bound, as `count_budget`'s: maxconn holds).
+        unheard = (
+            [
+                row.standing_fleets[name]
+                for name, n in row.standing.slots().items()
+                for _ in range(n)
+            ]
+            if keep_held and row.standing is not None and row.standing_lone
+            else []
+        )
         self._unreserve(row)
+        below = min(row.held, default=0)
+        start = below if below < 0 else 0  # under any negative id `reserve` used
+        for i, fleet in enumerate(unheard, 1):
+            fleet.active += 1
+            row.held[start - i] = fleet
         if keep_held and row.held:
             row.channel_lost = True
             for lease, fleet in row.held.items():
@@ -523,11 +544,14 @@ class HostSlots:
 
     # -- standing budgets (core.slot_budget) -------------------------------------
 
-    def give_standing(self, worker: WorkerKey, budget: dict[str, int]) -> list[BudgetFleet]:
+    def give_standing(
+        self, worker: WorkerKey, budget: dict[str, int], *, lone: bool = False
+    ) -> list[BudgetFleet]:
         """Reserve `budget` (fleet name -> slots, `slot_budget.standing_share`)
         for `worker` as its standing budget, to be sent to it: counted against
         maxconn and the estimate from now (`FleetState.standing`). Returns its
-        fleets as sent ([]: nothing reserved, no fleet known)."""
+        fleets as sent ([]: nothing reserved, no fleet known). `lone`: the only
+        worker's (`end_standing` takes it back once it is not)."""
         row = self.row(worker)
         if row.standing is not None:
             raise SlotProtocolError(f"worker {worker!r} already has a standing budget")
@@ -544,6 +568,7 @@ class HostSlots:
             # Its own copy: the one sent is the worker's.
             row.standing = Budget([BudgetFleet(f.name, f.left, f.active, f.most) for f in fleets])
             row.standing_taken = row.standing_ending = False
+            row.standing_lone = lone
         return fleets
 
     def standing_taken(self, worker: WorkerKey) -> None:
@@ -575,6 +600,7 @@ class HostSlots:
         fleets_changed: bool = True,
         takers: int | None = None,
         fleets_most: int | None = None,
+        lone: WorkerKey | None = None,
     ) -> list[WorkerKey]:
         """The workers whose standing budgets must be taken back now ("budget-end"
         to each, marked sent): all while a call waits in the queue (FIFO) or
@@ -585,22 +611,31 @@ class HostSlots:
         `takers` workers taking budgets, those holding one if not said; at
         most `fleets_most` fleets a budget): given anew, it names that fleet.
         Nothing to look at otherwise: a slot given back or granted changes
-        neither."""
+        neither. And a lone worker's budget (`standing_lone`) unless `lone`
+        still names that worker as the only one (a second worker joined, an
+        exec or a restore began): always looked at, before any other grant."""
         everyone = bool(self._queue) or self.paused
+        ending: list[WorkerKey] = []
+        for row in self._rows.values():
+            if row.standing_lone and not row.standing_ending and row.worker != lone:
+                row.standing_ending = True
+                ending.append(row.worker)
         if not everyone and not fleets_changed:
-            return []
+            return ending
         if takers is None:
             takers = sum(1 for row in self._rows.values() if row.standing is not None)
         fleets = self.balancer.fleets
-        ending: list[WorkerKey] = []
         for row in self._rows.values():
             if row.standing is None or row.standing_ending:
                 continue
+            alone = row.standing_lone
             if (
                 everyone
-                or any(standing_ends(f) for f in row.standing_fleets.values())
+                or any(standing_ends(f, lone=alone) for f in row.standing_fleets.values())
                 or _spec_moved(row)
-                or standing_misses(fleets, row.standing_fleets, takers, fleets_most=fleets_most)
+                or standing_misses(
+                    fleets, row.standing_fleets, takers, fleets_most=fleets_most, lone=alone
+                )
             ):
                 row.standing_ending = True
                 ending.append(row.worker)
@@ -632,7 +667,7 @@ class HostSlots:
         row.standing = None
         row.standing_fleets = {}
         row.standing_specs = {}
-        row.standing_taken = row.standing_ending = False
+        row.standing_taken = row.standing_ending = row.standing_lone = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
         """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""

@@ -44,6 +44,11 @@ longer be picked, the supervisor takes every budget back ("budget-end"); the
 worker drops what is left and says so ("budget-dropped"), and only then are
 those slots free (`HostSlots.drop_standing`): the queue stays FIFO but for the
 calls granted while "budget-end" was on its way (one round trip).
+
+A lone worker's budget (session 46, `standing_share(lone=True)`): while one
+worker is the only one it is given every free slot (no share kept back), and
+it ends as soon as another worker joins (`HostSlots.end_standing(lone=...)`),
+the others' messages parked until it is dropped (`net.slot_server`).
 """
 
 from __future__ import annotations
@@ -102,35 +107,61 @@ def share(
 STANDING_MOST = 64
 
 
+def _divide(takers: int, lone: bool) -> int:
+    """What a fleet's free slots are divided by for one worker's standing
+    budget: the takers plus a share kept for calls asked of the supervisor;
+    1 for a lone worker's (it is the only one: every call is its own)."""
+    return 1 if lone else max(takers, 1) + 1
+
+
 def standing_share(
-    fleets: Sequence[FleetState], takers: int, *, queue_length: int, most: int = STANDING_MOST
+    fleets: Sequence[FleetState],
+    takers: int,
+    *,
+    queue_length: int,
+    most: int | None = STANDING_MOST,
+    lone: bool = False,
 ) -> dict[str, int]:
     """One worker's standing budget, fleet name -> slots: of each fleet pick
-    could choose now (`free_slots`), at most `most`, and at most its free
-    slots over `takers` + 1 (the workers that hold or may be given standing
-    budgets, plus a share left for calls asked of the supervisor): never all
-    of a fleet's room. Nothing while a call waits in the queue (FIFO)."""
+    could choose now (`free_slots`), at most `most` (None: no bound), and at
+    most its free slots over `takers` + 1 (the workers that hold or may be
+    given standing budgets, plus a share left for calls asked of the
+    supervisor): never all of a fleet's room. `lone` (session 46): the only
+    worker's, every free slot of each fleet (nobody else asks; the budget
+    ends before anyone else is granted). Nothing while a call waits in the
+    queue (FIFO)."""
     if queue_length:
         return {}
+    divide = _divide(takers, lone)
     budget: dict[str, int] = {}
     for fleet in fleets:
-        slots = min(most, free_slots(fleet) // (max(takers, 1) + 1))
+        slots = free_slots(fleet) // divide
+        if most is not None:
+            slots = min(most, slots)
         if slots > 0:
             budget[fleet.name] = slots
     return budget
 
 
-def standing_ends(fleet: FleetState) -> bool:
+def standing_ends(fleet: FleetState, *, lone: bool = False) -> bool:
     """A standing budget on `fleet` must be taken back: pick would not choose
     it for a new call (DOWN, MAINT, DRAIN, being removed, FULL by its own
     word, its reserved slots counted), or its calls and reserved slots are
-    past its maxconn (a reload lowered it)."""
-    return (
-        not fleet.up
-        or fleet.removing
-        or fleet.full
-        or fleet.active + fleet.standing > fleet.maxconn
-    )
+    past its maxconn (a reload lowered it).
+
+    `lone`: a lone worker's budget holds every free slot, so the fleet reads
+    FULL with it counted from the start: it ends when the fleet is FULL
+    by its own word with the reserve left out (a 429, a probe saying no
+    worker free), or when the estimate of its free workers has fallen below
+    what is reserved (a probe counted fewer than the budget holds)."""
+    if not fleet.up or fleet.removing or fleet.active + fleet.standing > fleet.maxconn:
+        return True
+    if not lone:
+        return fleet.full
+    estimate = fleet.estimated_available
+    if not fleet.capacity_aware or estimate is None:
+        return False
+    return estimate < 0 or estimate + fleet.standing <= 0
 
 
 def standing_misses(
@@ -139,6 +170,7 @@ def standing_misses(
     takers: int,
     *,
     fleets_most: int | None = None,
+    lone: bool = False,
 ) -> bool:
     """A standing budget holding fleets `held` must be taken back to be given
     anew: a fleet pick could choose now that a share would give slots to
@@ -147,10 +179,10 @@ def standing_misses(
     call from the fleets it holds while the one left out, with fewer calls,
     got only those asked of the supervisor: leastconn broken for as long as
     the budget stood. Never once the budget names `fleets_most` fleets (the
-    most one holds: a share names no more)."""
+    most one holds: a share names no more). `lone`: as `standing_share`'s."""
     if fleets_most is not None and len(held) >= fleets_most:
         return False
-    divide = max(takers, 1) + 1
+    divide = _divide(takers, lone)
     return any(f.name not in held and free_slots(f) // divide > 0 for f in fleets)
 
 

@@ -28,10 +28,12 @@ from it without a round trip, the releases going back into it and "logged"
 ride its next write, and it gives it back when told ("budget-end") or as it
 stops taking calls (`decline_standing`).
 
-While it is the only worker and nobody waits, the supervisor may say its
-releases can wait ("releases" with "wait"): a recorded call's release then
-rides this end's next write (or ANSWERS_FLUSH), and when told they no
-longer can, it answers "releases-told" after what it held.
+While it is the only worker and nobody waits, the supervisor gives it a
+lone worker's budget ("lone" in its hello; session 46): every free slot, a
+standing budget whose grants are held too (each call's "acquire" rides the
+next write, or ANSWERS_FLUSH, as its release into the budget and "logged"
+do), for a call with a record in the call table. It ends as any standing
+budget does ("budget-end", "budget-dropped" after what was held).
 
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
@@ -105,6 +107,10 @@ STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
 # supervisor reads when it dies: held only for a call that has one. By
 # default ("1") it goes at once.
 HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
+# Whether a worker takes a lone worker's budget ("lone" in its hello and
+# state, session 46): on unless INGRESS_LONE_BUDGET is "0" (to measure
+# without it). Its grants are held whatever HOLD_BUDGET_GRANTS says.
+LONE_BUDGETS = os.environ.get("INGRESS_LONE_BUDGET", "1") != "0"
 
 
 def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
@@ -194,6 +200,7 @@ class SlotClient(asyncio.Protocol):
         answer_timeout: float,
         hello: bool = True,
         standing: bool | None = None,
+        lone: bool | None = None,
     ) -> None:
         """`answer_timeout` bounds a wait for the coordinator's answer; set it
         above the queue timeout (which the coordinator enforces itself) plus
@@ -205,7 +212,8 @@ class SlotClient(asyncio.Protocol):
         worker whose handlers are in place. What comes meanwhile is held, up
         to `HELD_BEFORE_HELLO` messages (more breaks the channel). `standing`:
         whether it takes standing grant budgets (None: this process's
-        INGRESS_STANDING_BUDGETS, `STANDING_BUDGETS`)."""
+        INGRESS_STANDING_BUDGETS, `STANDING_BUDGETS`); `lone`: a lone worker's
+        budget (None: `LONE_BUDGETS`)."""
         self.pid = pid
         # The tag of this worker's call ids (`net.calls.process_tag`), said in its
         # hello and state: the supervisor refuses an id of another process's.
@@ -271,6 +279,10 @@ class SlotClient(asyncio.Protocol):
         self._standing = False
         # Whether it says it takes standing budgets (set before its hello).
         self.takes_standing = STANDING_BUDGETS if standing is None else standing
+        # Whether it says it takes a lone worker's budget (set before its hello),
+        # and whether the budget it holds is one (its grants held).
+        self.takes_lone = LONE_BUDGETS if lone is None else lone
+        self._lone = False
         self._held_lines: list[bytes] = []
         # Leases whose call's access line is written, its record in the table
         # ENDED, their "logged" not told yet: it rides this end's next write
@@ -279,10 +291,6 @@ class SlotClient(asyncio.Protocol):
         # forgets the call at either), and it is dropped. Should this process
         # die meanwhile, the supervisor reads ENDED in the table: no second line.
         self._logged_untold: set[int] = set()
-        # The supervisor said this worker's releases may wait for its next write
-        # ("releases" "wait": it is the only worker and nobody waits host-wide):
-        # a recorded call's release is held then, as a standing budget's is.
-        self._releases_wait = False
         # Leases given up unanswered while a standing budget stood: should the
         # grant come after all, the supervisor held it when it read the release
         # and gave that slot back into its copy of the budget; ours takes it
@@ -305,6 +313,7 @@ class SlotClient(asyncio.Protocol):
         answer_timeout: float,
         hello: bool = True,
         standing: bool | None = None,
+        lone: bool | None = None,
     ) -> SlotClient:
         """Over an inherited socket (`sock`, the worker's end of a socketpair)
         or to the coordinator's listening Unix socket (`path`). `standing`: as
@@ -316,6 +325,7 @@ class SlotClient(asyncio.Protocol):
             answer_timeout=answer_timeout,
             hello=hello,
             standing=standing,
+            lone=lone,
         )
         if sock is not None:
             _, client = await loop.create_unix_connection(make, sock=sock)
@@ -394,7 +404,7 @@ class SlotClient(asyncio.Protocol):
             self._calls[lease_id] = call
             if self.table is not None and self.table.open(lease_id, call, name):
                 asking["table"] = recorded = True
-        if self._standing and HOLD_BUDGET_GRANTS and recorded:
+        if self._standing and (HOLD_BUDGET_GRANTS or self._lone) and recorded:
             # Its record names the call should this process die before the
             # acquire goes: the supervisor reads the table then.
             self._hold(asking)
@@ -411,7 +421,8 @@ class SlotClient(asyncio.Protocol):
         the standing ones left free, and counts what was left of them until
         this worker's "state"."""
         standing = message.get("standing") is True
-        if standing and not self.takes_standing:
+        lone = standing and message.get("lone") is True
+        if standing and not (self.takes_lone if lone else self.takes_standing):
             # Declined since it was sent (`decline_standing`): what it reserved
             # is freed by this answer.
             self._write({"op": "budget-dropped"})
@@ -438,7 +449,7 @@ class SlotClient(asyncio.Protocol):
         for spec in specs.values():
             spec_from_wire(spec)  # a spec that is not one breaks the channel now, not at a call
         self._budget, self._budget_specs = Budget(fleets), specs
-        self._standing = standing
+        self._standing, self._lone = standing, lone
         if standing:
             self._write({"op": "budget-taken"})
             log.debug(
@@ -455,9 +466,9 @@ class SlotClient(asyncio.Protocol):
         """This worker takes no new calls (it stops, or drains after an
         upgrade): a standing budget would hold slots nobody uses. What is left
         of one goes back, and none is given again ("declined")."""
-        if not self.takes_standing:
+        if not (self.takes_standing or self.takes_lone):
             return
-        self.takes_standing = False
+        self.takes_standing = self.takes_lone = False
         if self._standing:
             self._end_budget()
         self._write({"op": "budget-dropped", "declined": True})
@@ -466,6 +477,7 @@ class SlotClient(asyncio.Protocol):
         budget, self._budget = self._budget, None
         self._budget_specs = {}
         standing, self._standing = self._standing, False
+        self._lone = False
         self._gave_up_standing.clear()
         if budget is not None and standing:
             log.debug(
@@ -509,7 +521,7 @@ class SlotClient(asyncio.Protocol):
         # die first. Without one, the supervisor would write its line again.
         recorded = self.table is not None and self.table.logged(lease.id)
         self._over(lease.id)
-        hold = recorded and (kept or self._releases_wait)
+        hold = recorded and kept
         self._tell({"op": "release", "id": lease.id}, hold=hold)
 
     def _logged(self, lease_id: int) -> None:
@@ -537,10 +549,9 @@ class SlotClient(asyncio.Protocol):
         return kept and self._standing
 
     def _tell(self, message: dict[str, Any], *, hold: bool) -> None:
-        """Send `message`, or, while a standing budget stands or the
-        supervisor lets releases wait, and `hold` says it frees nothing for
-        others, hold it for the next write."""
-        if hold and (self._standing or self._releases_wait):
+        """Send `message`, or, while a standing budget stands and `hold`
+        says it frees nothing for others, hold it for the next write."""
+        if hold and self._standing:
             self._hold(message)
         else:
             self._write(message)
@@ -623,7 +634,8 @@ class SlotClient(asyncio.Protocol):
                 # and from a standing one ("budget" with "standing")
                 **({"standing": True} if self.takes_standing else {}),
                 "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
-                "releases_wait": True,  # it holds releases when told ("releases")
+                # a lone worker's budget: every free slot, its grants held too
+                **({"lone": True} if self.takes_lone else {}),
                 **({"tag": self.tag} if self.tag is not None else {}),
             }
         )
@@ -695,7 +707,6 @@ class SlotClient(asyncio.Protocol):
         self._answers.clear()
         self._held_lines.clear()
         self._logged_untold.clear()
-        self._releases_wait = False
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
@@ -715,13 +726,7 @@ class SlotClient(asyncio.Protocol):
         op = message["op"]
         if op == "sync":
             self._end_budget()  # the supervisor counts from this "state" on
-            self._releases_wait = False  # the new image says anew (this write tells all)
             self._write(self._state())
-            return
-        if op == "releases":
-            self._releases_wait = message.get("wait") is True
-            if not self._releases_wait:
-                self._write({"op": "releases-told"})  # after every line held
             return
         if op == "budget":
             self._take_budget(message)
@@ -806,7 +811,8 @@ class SlotClient(asyncio.Protocol):
             # and from a standing one ("budget" with "standing")
             **({"standing": True} if self.takes_standing else {}),
             "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
-            "releases_wait": True,  # it holds releases when told ("releases")
+            # a lone worker's budget: every free slot, its grants held too
+            **({"lone": True} if self.takes_lone else {}),
             **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),

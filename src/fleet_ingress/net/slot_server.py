@@ -25,10 +25,13 @@ in the queue, each worker that said "standing" is given slots reserved in the
 table to grant calls from itself, and they are taken back ("budget-end") when
 a call must wait or a budget's fleet can no longer be picked.
 
-Releases that wait (`_review_releases`): while one worker is the only one
-and nobody waits, it is told ("releases") that a recorded call's release may
-ride its next write; a second worker or a queue ends that, and the others'
-messages are parked until it has told what it held ("releases-told").
+A lone worker's budget (session 46, `_review_standing`): while one worker
+is the only one on the channels, nobody waits and nothing is paused or being
+restored, a worker that says "lone" is given every free slot as a standing
+budget, its grants and its releases into it riding its next write. A second
+worker, an exec, a restore, a queue or a pause takes it back; the other
+workers' messages are parked (`_handle`) until it is dropped ("budget-dropped",
+after every grant made from it), so no other grant counts a slot it holds.
 
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
@@ -104,12 +107,12 @@ _REST_WAIT = 1.0
 STANDING_RETRY = 0.5
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
-# Releases that wait (`SlotServer._review_releases`): a worker told they no
-# longer may is given this long (seconds) to tell what it held
-# ("releases-told"); past it, it is taken as told (a release still held then
-# only over-counts its fleet: maxconn is never passed) and the messages of
-# the other workers parked meanwhile are read.
-RELEASES_TOLD_WAIT = 1.0
+# A lone worker's budget taken back (`SlotServer._review_standing`): its worker
+# is given this long (seconds, in time this loop ran: `PatientTimer`) to drop
+# it ("budget-dropped"); past it, the messages of the other workers parked
+# meanwhile are read (its slots stay reserved until it does: maxconn holds, a
+# call of theirs may queue for them).
+LONE_END_WAIT = 1.0
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset(
@@ -125,7 +128,6 @@ _WORKER_OPS = frozenset(
         "report",
         "budget-taken",
         "budget-dropped",
-        "releases-told",
     }
 )
 
@@ -186,15 +188,11 @@ class _Channel(asyncio.Protocol):
         # id -> fleet name, None from a worker that does not say it): counted
         # as grants once its "state" is taken (`HostSlots.count_granted`).
         self.budget_grants: dict[int, str | None] = {}
-        # Whether it can hold its releases for its next write ("releases_wait" in
-        # its hello or state), whether it was told it may ("wait"), or told it no
-        # longer may and has not said what it held yet ("ending"), and the timer
-        # that takes it as told (RELEASES_TOLD_WAIT).
-        self.waits_releases = False
-        self.releases = "off"
-        self.releases_timer: asyncio.TimerHandle | None = None
-        # Its messages read while another worker's releases may wait unread:
-        # acted on, in order, once that worker has told them (`_unpark`).
+        # It takes a lone worker's budget ("lone" in its hello or state, session
+        # 46): every free slot while it is the only worker, its grants held.
+        self.lone = False
+        # Its messages read while a lone worker's budget stands or is being
+        # taken back: acted on, in order, once it is dropped (`_unpark`).
         self.parked: list[dict[str, Any]] = []
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
@@ -323,8 +321,11 @@ class SlotServer:
         # counted for a worker slow to answer after a failed exec (`take_back`).
         self._budgets_sent: dict[int, list[str]] = {}
         self._restored = asyncio.Event()
-        # Channels whose releases may wait unread ("wait" or "ending"): `_review_releases`.
-        self._releases_waiting: set[int] = set()
+        # The channel whose lone worker's budget stands or is being taken back
+        # (`_review_standing`): the others' messages are parked meanwhile, until
+        # it is dropped or LONE_END_WAIT after it was taken back (`_lone_timer`).
+        self._lone_holder: int | None = None
+        self._lone_timer: PatientTimer | None = None
         self._unparking = False
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet and their answers): op -> handler(channel key, message).
@@ -777,10 +778,10 @@ class SlotServer:
             assert channel.transport is not None
             channel.transport.pause_reading()
             channel.handed_over = True
-            # Its releases that waited are told in its "state" (its "sync" ends
-            # the waiting), and what was parked is counted there too: taken
-            # back or read by the next image, it starts anew ("off").
-            self._releases_off(channel)
+            # A lone budget is carried in the exec's (`plan_budgets`) and ends
+            # at "sync"; what was parked is counted in its worker's "state"
+            # (taken back or read by the next image): nothing parks any more.
+            self._lone_over()
             channel.parked = []
             # Our descriptor closes, the duplicate keeps the channel open: the
             # worker sees no end of file.
@@ -1049,7 +1050,7 @@ class SlotServer:
             channel.budgets = message.get("budgets") is True
             channel.standing = message.get("standing") is True
             channel.hears_down = message.get("fleet_down") is True
-            channel.waits_releases = message.get("releases_wait") is True
+            channel.lone = message.get("lone") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -1059,22 +1060,19 @@ class SlotServer:
             for hook in self.on_join:
                 hook(channel.key, pid, generation)
             self._review_standing()
-            self._review_releases()
             return
-        if op == "releases-told":  # it held none of its releases back from here on
-            self._releases_told(channel)
-            return
-        if channel.parked or self._releases_wait_elsewhere(channel):
-            # Another worker's releases may wait in its channel: a grant made now
-            # would count that fleet's slots too high (leastconn's order, maxconn's
-            # room). Read once it has told them (it was asked at this one's hello).
+        if channel.parked or self._parks(channel):
+            # A lone worker's budget stands or is being taken back (this one's
+            # hello ended it): a grant made now would find its slots reserved,
+            # and count the fleets without its grants and releases still held.
+            # Read once it has dropped it, after them.
             channel.parked.append(message)
             return
         self._act(channel, message)
 
     def _act(self, channel: _Channel, message: dict[str, Any]) -> None:
         """A joined worker's message in its turn: at once, or, parked, once
-        the worker whose releases might wait has told them (`_unpark`, which
+        a lone worker's budget is dropped (`_unpark`, which
         reads them here: through `_handle`, each went back behind the others
         still parked, and the supervisor looped over them for good)."""
         op = message["op"]
@@ -1112,7 +1110,6 @@ class SlotServer:
             if answer is None:
                 self._arm()
                 self._review_standing()  # a call waits: budgets are taken back
-                self._review_releases()  # and releases go at once
             else:
                 self._send([answer])
         elif op == "release":
@@ -1137,8 +1134,14 @@ class SlotServer:
             self.slots.standing_taken(channel.key)
         elif op == "budget-dropped":  # what was left of it is free (after its grants)
             if message.get("declined") is True:  # it takes no new calls: none again
-                channel.standing = False
-            self._send(self.slots.drop_standing(channel.key))
+                channel.standing = channel.lone = False
+            answers = self.slots.drop_standing(channel.key)
+            if channel.key == self._lone_holder:
+                row = self.slots.find_row(channel.key)
+                if row is None or row.standing is None:
+                    self._lone_over()  # after every grant it made: the others are read
+            self._send(answers)
+            self._unpark()
         elif op == "logged":
             # The worker wrote that lease's call's access line, its slot still
             # held while its fleet side closes: no second line if it dies now.
@@ -1288,7 +1291,7 @@ class SlotServer:
         channel.budgets = message.get("budgets") is True
         channel.standing = message.get("standing") is True
         channel.hears_down = message.get("fleet_down") is True
-        channel.waits_releases = message.get("releases_wait") is True
+        channel.lone = message.get("lone") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
@@ -1344,9 +1347,13 @@ class SlotServer:
     def _gone(self, channel: _Channel) -> None:
         self._channels.pop(channel.key, None)
         # What it held comes back below; the others' messages parked for its
-        # releases are read after (`_send`, `_unpark`).
+        # lone budget are read after (`_send`, `_unpark`). Of its own parked
+        # messages, who its calls are still counts: a call it said it logged
+        # or released gets no line as lost, one its fleet answered says 101.
+        self._read_parked_calls(channel)
         channel.parked = []
-        self._releases_off(channel)
+        if channel.key == self._lone_holder:
+            self._lone_over()
         if channel.key in self._restoring:
             self._restoring.discard(channel.key)
             if not self._restoring:
@@ -1484,79 +1491,79 @@ class SlotServer:
             channel.send(message)
         self._arm()
         self._review_standing()
-        self._review_releases()
 
-    # -- releases that wait ----------------------------------------------------
+    # -- a lone worker's budget: the others' messages parked ---------------------
 
-    def _review_releases(self) -> None:
-        """A worker's releases may wait to ride its next write (or
-        ANSWERS_FLUSH) while it is the only worker and nobody waits in the
-        queue: every grant is then made on its own "acquire", which its held
-        releases precede on the channel, so the host's counts are exact at
-        each grant (leastconn's order, maxconn) and no waiting call waits on a
-        release (one supervisor wake-up a churned call, not two). A second
-        worker, a queue, a pause or a restore ends it: the worker is told
-        ("releases" "wait": false) and answers once it has written what it
-        held ("releases-told"); meanwhile the other workers' messages are
-        parked (`_handle`), so no grant counts a release still held."""
-        if not self._channels:
-            return
+    def _parks(self, channel: _Channel) -> bool:
+        """Whether `channel`'s messages wait: another worker holds a lone
+        worker's budget, standing or being taken back."""
+        holder = self._lone_holder
+        return holder is not None and holder != channel.key
+
+    def _alone(self) -> _Channel | None:
+        """The only worker, when it may hold a lone worker's budget: the one
+        channel there is, joined, heard since any exec, taking calls and
+        saying "lone"; nobody waits in the queue, nothing paused or restoring."""
         slots = self.slots
-        alone: _Channel | None = None
+        if len(self._channels) != 1 or self._restoring or slots.queue_length or slots.paused:
+            return None
+        (channel,) = self._channels.values()
         if (
-            len(self._channels) == 1
-            and not self._restoring
-            and not slots.queue_length
-            and not slots.paused
+            channel.lone
+            and channel.joined
+            and not channel.restoring
+            and not channel.drained
+            and channel.transport is not None
+            and not channel.transport.is_closing()
         ):
-            (alone,) = self._channels.values()
-            if not (
-                alone.waits_releases
-                and alone.joined
-                and not alone.restoring
-                and not alone.standing
-                and not alone.drained
-                and alone.transport is not None
-                and not alone.transport.is_closing()
-            ):
-                alone = None
-        for channel in self._channels.values():
-            if channel is alone:
-                if channel.releases == "off":
-                    channel.releases = "wait"
-                    self._releases_waiting.add(channel.key)
-                    channel.send({"op": "releases", "wait": True})
-            elif channel.releases == "wait":
-                channel.releases = "ending"
-                channel.send({"op": "releases", "wait": False})
-                channel.releases_timer = channel.loop.call_later(
-                    RELEASES_TOLD_WAIT, self._releases_told, channel
-                )
+            return channel
+        return None
 
-    def _releases_wait_elsewhere(self, channel: _Channel) -> bool:
-        """Whether a worker other than `channel`'s may hold releases unread."""
-        waiting = self._releases_waiting
-        return bool(waiting) and (len(waiting) > 1 or channel.key not in waiting)
+    def _lone_ending(self, channel: _Channel) -> None:
+        """`channel`'s lone budget is taken back ("budget-end" sent): the
+        others' messages wait for its "budget-dropped", LONE_END_WAIT at most."""
+        if channel.key != self._lone_holder or self._lone_timer is not None:
+            return
+        self._lone_timer = PatientTimer(channel.loop, LONE_END_WAIT, self._lone_wait_over)
 
-    def _releases_told(self, channel: _Channel) -> None:
-        """`channel`'s worker has written every release it held (or
-        RELEASES_TOLD_WAIT has passed): the others' parked messages are read."""
-        if channel.releases == "wait":
-            return  # told before it was asked: nothing to end
-        self._releases_off(channel)
+    def _lone_wait_over(self) -> None:
+        self._lone_timer = None
+        if self._lone_holder is not None:
+            log.warning(
+                "a lone worker did not drop its budget in time: the other workers' "
+                "messages are read, its slots stay reserved until it does",
+                extra=fields(channel=self._lone_holder, waited=LONE_END_WAIT),
+            )
+        self._lone_over()
         self._unpark()
-        self._review_releases()
 
-    def _releases_off(self, channel: _Channel) -> None:
-        channel.releases = "off"
-        self._releases_waiting.discard(channel.key)
-        if channel.releases_timer is not None:
-            channel.releases_timer.cancel()
-            channel.releases_timer = None
+    def _lone_over(self) -> None:
+        self._lone_holder = None
+        if self._lone_timer is not None:
+            self._lone_timer.cancel()
+            self._lone_timer = None
+
+    def _read_parked_calls(self, channel: _Channel) -> None:
+        """A channel gone with messages parked: who its calls are is kept
+        as they say (a "logged" or "release" forgets the call, an "answered"
+        says its 101), so that no call it logged gets a second line."""
+        calls = self._calls.get(channel.key)
+        if not calls:
+            return
+        for message in channel.parked:
+            op = message.get("op")
+            with contextlib.suppress(TypeError, ValueError):
+                if op in ("logged", "release"):
+                    self._forget_call(channel.key, int(message.get("id")))  # type: ignore[arg-type]
+                elif op == "answered":
+                    for lease, at in message.get("leases") or []:
+                        if (call := calls.get(int(lease))) is not None:
+                            call["status"] = 101
+                            call["answered_monotonic"] = float(at)
 
     def _unpark(self) -> None:
-        """The messages parked while another worker's releases might wait, read
-        in order, each channel's until it must park again."""
+        """The messages parked while a lone worker's budget stood, read in
+        order, each channel's until it must park again."""
         if self._unparking:
             return  # a message read here moved the table: the loop below goes on
         self._unparking = True
@@ -1567,7 +1574,7 @@ class SlotServer:
 
     def _unpark_each(self) -> None:
         for channel in list(self._channels.values()):
-            while channel.parked and not self._releases_wait_elsewhere(channel):
+            while channel.parked and not self._parks(channel):
                 message = channel.parked.pop(0)
                 try:
                     self._act(channel, message)
@@ -1582,12 +1589,18 @@ class SlotServer:
         cannot be picked); given, while nobody waits, to each worker that takes
         them and holds none (one that got nothing, no fleet having room, is
         tried again STANDING_RETRY later, or at the next `wake`: not at every
-        message, each look a pass over the fleets)."""
+        message, each look a pass over the fleets).
+
+        A lone worker's budget (session 46): to the only worker (`_alone`),
+        every free slot of each fleet, its grants held ("lone": true); taken
+        back at once when it is not alone any more, before any other worker's
+        message is read (`_parks`)."""
         slots = self.slots
+        alone = self._alone()
         takers = [
             c
             for c in self._channels.values()
-            if c.standing
+            if (c.standing or c is alone)
             and c.joined
             and not c.restoring
             and not c.drained
@@ -1595,13 +1608,17 @@ class SlotServer:
             and not c.transport.is_closing()
         ]
         ending = slots.end_standing(
-            fleets_changed=fleets_changed, takers=len(takers), fleets_most=BUDGET_FLEETS_MAX
+            fleets_changed=fleets_changed,
+            takers=len(takers),
+            fleets_most=BUDGET_FLEETS_MAX,
+            lone=None if alone is None else alone.key,
         )
         for key in ending:
             # Not to one being restored: its budget ended at "sync", and the
             # table's copy ends with its "state" (`HostSlots.restore`).
             if (channel := self._channels.get(key)) is not None and not channel.restoring:
                 channel.send({"op": "budget-end"})
+                self._lone_ending(channel)
         if slots.queue_length or slots.paused:
             return
         now: float | None = None
@@ -1609,16 +1626,29 @@ class SlotServer:
             row = slots.find_row(channel.key)
             if row is None or row.standing is not None or row.channel_lost:
                 continue
+            if self._parks(channel):
+                # A lone budget being taken back holds every free slot: given
+                # once it is dropped (its "budget-dropped" looks again).
+                continue
             if now is None:
                 now = channel.loop.time()
             if not fleets_changed and now < channel.standing_retry_at:
                 continue
-            budget = standing_share(slots.balancer.fleets, len(takers), queue_length=0)
+            lone = channel is alone
+            if lone:
+                budget = standing_share(
+                    slots.balancer.fleets, 1, queue_length=0, most=None, lone=True
+                )
+            else:
+                budget = standing_share(slots.balancer.fleets, len(takers), queue_length=0)
             named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
-            fleets = slots.give_standing(channel.key, dict(named))
+            fleets = slots.give_standing(channel.key, dict(named), lone=lone)
             if not fleets:
                 channel.standing_retry_at = now + STANDING_RETRY
                 continue
+            if lone:
+                self._lone_over()
+                self._lone_holder = channel.key
             # Each spec said (not kept in `sent_specs`: the worker makes its
             # record of a fleet at its first grant there, and a grant by the
             # supervisor before that must carry it).
@@ -1626,7 +1656,10 @@ class SlotServer:
             for f in fleets:
                 spec = spec_to_wire(row.standing_fleets[f.name].spec)
                 entries.append({"fleet": f.name, "slots": f.left, "active": f.active, "spec": spec})
-            channel.send({"op": "budget", "standing": True, "fleets": entries})
+            message: dict[str, Any] = {"op": "budget", "standing": True, "fleets": entries}
+            if lone:
+                message["lone"] = True  # it holds its grants from it too
+            channel.send(message)
 
     @staticmethod
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:

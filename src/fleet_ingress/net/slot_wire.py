@@ -88,6 +88,15 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     A release going back into the budget, and "logged", ride the worker's next
     write (or go 0.2 s after): they free nothing for others.
 
+    a lone worker's budget (session 46; only with a worker whose hello or state
+    said "lone": true): the same "budget", with "lone": true, given while that
+    worker is the only one and nobody waits: every free slot of each fleet. The
+    worker holds a recorded call's "acquire" from it too (next write, or 0.2 s).
+    It ends with "budget-end" as soon as another worker joins (or an exec, a
+    restore, a queue, a pause); the others' messages are read once its
+    "budget-dropped" is. (Session 45's "releases" / "releases-told", and the
+    hello's "releases_wait", are retired: neither end of this release sends them.)
+
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,

@@ -243,8 +243,9 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "calls": held.get(worker, seen.calls if seen else 0),
                 "connections": None if seen is None else seen.connections,
                 "closing_calls": None if seen is None else seen.closing_calls,
-                # Slots held for its standing grant budget (INGRESS_STANDING_BUDGETS),
-                # by fleet (those it has left there): in the fleets' `reserved`.
+                # Slots held for its standing grant budget (a lone worker's, by
+                # default, session 46; INGRESS_STANDING_BUDGETS's), by fleet
+                # (those it has left there): in the fleets' `reserved`.
                 "reserved": sum(reserved.get(worker, {}).values()),
                 "reserved_by_fleet": reserved.get(worker, {}),
                 "draining": draining,
@@ -577,7 +578,8 @@ class _WorkersCollector(Collector):
         reserved = GaugeMetricFamily(
             f"{PREFIX}_worker_reserved_slots",
             "Slots of a fleet held for a worker's standing grant budget "
-            "(INGRESS_STANDING_BUDGETS): summed over workers, fleet_ingress_fleet_reserved_slots. "
+            "(a lone worker's: every free slot; or INGRESS_STANDING_BUDGETS): "
+            "summed over workers, fleet_ingress_fleet_reserved_slots. "
             "No sample for a fleet it holds none of.",
             labels=[*labels, "fleet"],
         )

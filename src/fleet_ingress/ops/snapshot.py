@@ -60,8 +60,9 @@ def fleet_row(
         "full": fleet.full,
         "active": fleet.active,
         "maxconn": fleet.maxconn,
-        # Slots held for workers' standing grant budgets (INGRESS_STANDING_BUDGETS,
-        # docs/WORKERS.md "Standing budgets"): no call yet, counted against maxconn
+        # Slots held for workers' standing grant budgets (the only worker's lone
+        # budget, session 46, or INGRESS_STANDING_BUDGETS's; docs/WORKERS.md
+        # "Standing budgets"): no call yet (or one not told yet), counted against maxconn
         # (`active` + `reserved` <= `maxconn`) and out of `estimated_available`.
         "reserved": fleet.standing,
         "reported_available": fleet.reported_available,
