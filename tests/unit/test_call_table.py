@@ -345,3 +345,41 @@ def test_an_exec_hands_over_the_tables_the_installed_code_reads_alone() -> None:
     finally:
         os.close(new)
         os.close(old)
+
+
+def test_a_table_of_another_releases_supervisor_is_said_as_expected_not_as_a_bug(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of this release under a supervisor of session 44 (2 KiB
+    records) cannot write its table: expected across an upgrade, so the
+    worker says so as a warning naming what to run, not "a bug, report it"
+    (which INSTALL's troubleshooting table sends to the project). A table
+    that is broken is still said as a bug. Real memfds."""
+    import logging
+    import os
+
+    from fleet_ingress.net.call_table_map import CALL_TABLE_ENV, TABLE_NAME
+    from fleet_ingress.service.worker import call_table_from_env
+
+    def table_fd(data: bytes) -> int:
+        fd = os.memfd_create(TABLE_NAME, os.MFD_CLOEXEC)
+        os.ftruncate(fd, max(len(data), t.HEADER_SIZE))
+        os.pwrite(fd, data, 0)
+        return fd
+
+    older = t.HEADER.pack(t.MAGIC, 2048, 4).ljust(t.HEADER_SIZE, b"\0")
+    monkeypatch.setenv(CALL_TABLE_ENV, str(table_fd(older.ljust(t.table_size(4, 2048), b"\0"))))
+    with caplog.at_level(logging.WARNING):
+        assert call_table_from_env() is None
+    (record,) = [r for r in caplog.records if "call table" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    said = record.getMessage()
+    assert "another release" in said and "fleet-ingress upgrade" in said
+    assert "a bug" not in said
+
+    caplog.clear()
+    monkeypatch.setenv(CALL_TABLE_ENV, str(table_fd(b"NOTATABLE".ljust(t.HEADER_SIZE, b"\0"))))
+    with caplog.at_level(logging.WARNING):
+        assert call_table_from_env() is None
+    (record,) = [r for r in caplog.records if "call table" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "a bug, report it" in record.getMessage()

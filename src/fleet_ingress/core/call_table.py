@@ -116,6 +116,12 @@ def header(count: int = COUNT) -> bytes:
     return HEADER.pack(MAGIC, RECORD_SIZE, count).ljust(HEADER_SIZE, b"\0")
 
 
+class TableOfAnotherRelease(ValueError):
+    """A well-formed table whose records are not this release's to write or
+    read: made by a supervisor of another release (expected across an
+    upgrade or a downgrade), not a fault of this one."""
+
+
 def layout_of(data: bytes | memoryview) -> Layout:
     """The layout of the records a table's header (its first HEADER_SIZE
     bytes) says, or ValueError naming what is wrong: a record size this
@@ -128,7 +134,7 @@ def layout_of(data: bytes | memoryview) -> Layout:
     layout = LAYOUTS.get(size)
     if layout is None:
         known = " or ".join(str(n) for n in sorted(LAYOUTS))
-        raise ValueError(
+        raise TableOfAnotherRelease(
             f"call table records of {size} bytes: this release reads records of {known} "
             "bytes (a table of a newer release?)"
         )

@@ -130,7 +130,7 @@ class CallTableWriter:
         if layout is not call_table.WRITTEN:  # a supervisor of another release's
             self._buf.release()
             self._map.close()
-            raise ValueError(
+            raise call_table.TableOfAnotherRelease(
                 f"call table records of {layout.record_size} bytes: this release writes "
                 f"{call_table.RECORD_SIZE}"
             )

@@ -84,6 +84,7 @@ from fleet_ingress.config.settings import (
 )
 from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.call_machine import EndReason
+from fleet_ingress.core.call_table import TableOfAnotherRelease
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.call_table_map import CALL_TABLE_ENV, CallTableWriter
 from fleet_ingress.net.calls import end_call, list_live_then_closing, process_tag
@@ -392,6 +393,14 @@ def call_table_from_env() -> CallTableWriter | None:
     every call is then told the supervisor as before, none held."""
     try:
         return CallTableWriter.from_env()
+    except TableOfAnotherRelease as exc:
+        log.warning(
+            "worker's call table was made by a supervisor of another release: its calls "
+            "are told the supervisor one by one instead, as before the tables; expected "
+            "until the supervisor runs this release (`fleet-ingress upgrade`)",
+            extra=fields(error=f"{CALL_TABLE_ENV}: {exc}"),
+        )
+        return None
     except (OSError, ValueError) as exc:
         log.error(
             "worker's call table cannot be mapped: its calls are told the supervisor "
