@@ -274,3 +274,25 @@ async def test_slots_reserved_for_workers_standing_budgets_are_on_every_stats_vi
     snap = json.loads(await s.get("/stats.json"))
     (row,) = [w for w in snap["workers"] if w["pid"] == w3.proc.pid]
     assert (row["reserved"], row["reserved_by_fleet"]) == (0, {})
+
+
+@pytest.mark.uvloop_only
+async def test_a_lone_workers_budget_leaves_every_fleet_taking_calls_on_every_view(supervisor):
+    """The only worker holds every free slot as its budget (session 46): the
+    fleets' slots are reserved, yet they take calls (the worker grants them),
+    so /stats.json and /metrics must say eligible, as the shipped alert
+    FleetIngressNoEligibleFleet reads them, not 0 on every one-worker host."""
+    s = supervisor
+    w1 = await s.spawn(generation=1)
+    await eventually(
+        lambda: all(f.standing == f.maxconn - f.active for f in s.slots.balancer.fleets),
+        timeout=10,
+    )
+    await s.count(w1, 2)
+    snap = json.loads(await s.get("/stats.json"))
+    assert [(f["reserved"] > 0, f["eligible"], f["full"]) for f in snap["fleets"]] == [
+        (True, True, False),
+        (True, True, False),
+    ]
+    m = await scrape(s)
+    assert m["fleet_ingress_fleet_eligible"] == {(("fleet", "a"),): 1.0, (("fleet", "b"),): 1.0}

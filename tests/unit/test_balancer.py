@@ -308,3 +308,36 @@ def test_a_fleet_leaving_maint_keeps_nothing_its_last_probe_before_said():
         None,
         None,
     )
+
+
+def test_slots_reserved_for_a_budget_are_room_to_an_operator_not_to_a_pick():
+    """A lone worker's budget (session 46) reserves every free slot of each
+    fleet, capped by the fleet's free workers: a pick by the supervisor must
+    count them as taken, but the fleet still takes calls (the worker grants
+    them from its budget). Read as taken, every fleet of a one-worker host
+    read not eligible and FULL at all times, which fires the shipped alerts
+    FleetIngressNoEligibleFleet and FleetIngressCapacityExhausted and logs
+    "fleet full" at each probe."""
+    from fleet_ingress.core.host_view import Counts
+    from fleet_ingress.ops.snapshot import fleet_row
+
+    b = _balancer("https://a.test name=a\n", maxconn=4)
+    a = b.fleets[0]
+    a.opened_at_probe = a.opened_total
+    a.reported_available = 3
+    _take(b, 1)
+    a.standing = 2  # the rest of the fleet's free workers, reserved
+    assert (a.estimated_available, a.full, a.has_room) == (0, True, False)
+    assert (a.estimated_free, a.out_of_workers, a.takes_calls) == (2, False, True)
+    row = fleet_row(a, "available", Counts(), {}, {})
+    assert (row["eligible"], row["full"], row["estimated_available"]) == (True, False, 2)
+    assert row["reserved"] == 2
+
+    a.reported_available, a.standing = 10, 3  # maxconn's rest reserved: room, still
+    assert (a.has_room, a.takes_calls) == (False, True)
+    assert a.active == 1
+    a.standing = 0
+    _take(b, 3)  # maxconn reached by calls: no room for anyone
+    assert (a.has_room, a.takes_calls, a.out_of_workers) == (False, False, False)
+    a.reported_available = 4  # and the fleet's own word: FULL
+    assert a.out_of_workers and fleet_row(a, "available", Counts(), {}, {})["full"]

@@ -137,10 +137,23 @@ class FleetState:
 
     @property
     def estimated_available(self) -> int | None:
+        """Free workers a pick may still count on: the fleet's report less the
+        calls opened since and the slots reserved for workers' budgets (a
+        worker may grant a call from them without asking)."""
+        free = self.estimated_free
+        return None if free is None else free - self.standing
+
+    @property
+    def estimated_free(self) -> int | None:
+        """The fleet's free workers as an operator reads them: its report less
+        the calls opened since. Slots reserved for workers' budgets are not
+        taken from it: they are no call, and a lone worker's budget reserves
+        every free slot (what `stat`, the stats pages, the metrics and the
+        "fleet full" log line go by)."""
         if self.reported_available is None:
             return None
         opened_since = self.opened_total - self.opened_at_probe
-        return self.reported_available - opened_since - len(self.unseen) - self.standing
+        return self.reported_available - opened_since - len(self.unseen)
 
     def probe_sending(self, now: float) -> int:
         """A probe leaves now (monotonic): what it counts is set against the
@@ -279,12 +292,29 @@ class FleetState:
         return self.capacity_aware and estimate is not None and estimate <= 0
 
     @property
+    def out_of_workers(self) -> bool:
+        """The fleet's own word, as an operator reads it, says no worker is free
+        (SPEC 4: FULL): `full` but for slots reserved for workers' budgets."""
+        estimate = self.estimated_free
+        return self.capacity_aware and estimate is not None and estimate <= 0
+
+    @property
     def up(self) -> bool:
         return self.health is Health.UP and self.admin is Admin.READY
 
     @property
     def has_room(self) -> bool:
+        """A pick may choose it: below maxconn and not FULL, counting slots
+        reserved for workers' budgets as taken."""
         return self.active + self.standing < self.maxconn and not self.full
+
+    @property
+    def takes_calls(self) -> bool:
+        """It takes new calls now, as an operator reads it (stats' and the
+        metrics' `eligible`, the status line): UP and READY, below maxconn and
+        not FULL, slots reserved for workers' budgets being room (a worker
+        grants calls from them)."""
+        return self.up and self.active < self.maxconn and not self.out_of_workers
 
 
 @dataclass(slots=True)

@@ -480,13 +480,11 @@ class HealthPoller:
             if fleet.health is Health.DOWN and self.on_down is not None:
                 self.on_down(fleet)
         now = time.monotonic()
-        if (said := fleet.full_log.probed(fleet.full, now)) is not None:
+        if (said := fleet.full_log.probed(fleet.out_of_workers, now)) is not None:
             episode = fleet.full_log.episode(now) if said == "fleet has room" else {}
             log.info(
                 said,
-                extra=fields(
-                    fleet=fleet.name, estimated_available=fleet.estimated_available, **episode
-                ),
+                extra=fields(fleet=fleet.name, estimated_available=fleet.estimated_free, **episode),
             )
         self._probe_recorded(fleet)
 

@@ -73,10 +73,11 @@ REMOVED_NOTE = (
 
 
 RESERVED_NOTE = (
-    "reserved = a fleet's slots held for workers' standing grant budgets "
-    "(INGRESS_STANDING_BUDGETS): no call yet, a worker grants one from them without "
-    "asking the supervisor; counted against maxconn, not in cur (a fleet at maxconn "
-    "shows cur + reserved = max), given back when a call must queue"
+    "reserved = a fleet's slots held for workers' grant budgets (the only worker's: "
+    "every free slot while it is the only one; or standing budgets, "
+    "INGRESS_STANDING_BUDGETS): no call yet, a worker grants one from them without "
+    "asking the supervisor; counted against maxconn, not in cur (cur + reserved <= "
+    "max), not taken from free; given back when another worker joins or a call must queue"
 )
 
 

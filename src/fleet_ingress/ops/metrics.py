@@ -507,12 +507,12 @@ class _StateCollector(Collector):
         yield gauge(
             "eligible",
             "1 when the fleet takes new calls now.",
-            lambda f: 1 if f.up and f.has_room else 0,
+            lambda f: 1 if f.takes_calls else 0,
         )
         yield gauge(
             "full",
             "1 when the fleet's own capacity report says no worker is free.",
-            lambda f: 1 if f.full and probed(f) else 0,
+            lambda f: 1 if f.out_of_workers and probed(f) else 0,
         )
         yield gauge(
             "active_calls", "Calls (and call attempts) open on the fleet.", lambda f: f.active
@@ -522,10 +522,11 @@ class _StateCollector(Collector):
         )
         yield gauge(
             "reserved_slots",
-            "Slots of the fleet held for workers' standing grant budgets "
-            "(INGRESS_STANDING_BUDGETS): no call yet, a worker may grant one without asking "
+            "Slots of the fleet held for workers' grant budgets (the only worker's: every "
+            "free slot while it is the only one; or standing budgets, "
+            "INGRESS_STANDING_BUDGETS): no call yet, a worker may grant one without asking "
             "the supervisor. Counted against maxconn (active_calls + reserved_slots <= "
-            "maxconn) and out of estimated_available; 0 with the switch off.",
+            "maxconn), not taken from estimated_available; the fleet stays eligible.",
             lambda f: f.standing,
         )
         yield gauge(
@@ -536,7 +537,7 @@ class _StateCollector(Collector):
         yield gauge(
             "estimated_available",
             "Reported free workers less calls opened since that probe (none in MAINT).",
-            lambda f: as_float(f.estimated_available) if probed(f) else None,
+            lambda f: as_float(f.estimated_free) if probed(f) else None,
         )
         yield gauge(
             "last_check_timestamp_seconds",

@@ -56,17 +56,18 @@ def fleet_row(
         # False: the admin state applies but the fleets file lacks it (a restart would
         # not keep it); the next fleet change that can write the file saves it.
         "admin_saved": not fleet.admin_unsaved,
-        "eligible": fleet.up and fleet.has_room,
-        "full": fleet.full,
+        "eligible": fleet.takes_calls,
+        "full": fleet.out_of_workers,
         "active": fleet.active,
         "maxconn": fleet.maxconn,
         # Slots held for workers' standing grant budgets (the only worker's lone
         # budget, session 46, or INGRESS_STANDING_BUDGETS's; docs/WORKERS.md
         # "Standing budgets"): no call yet (or one not told yet), counted against maxconn
-        # (`active` + `reserved` <= `maxconn`) and out of `estimated_available`.
+        # (`active` + `reserved` <= `maxconn`), not out of `estimated_available` (the
+        # fleet's free workers) nor `eligible` (a worker grants calls from them).
         "reserved": fleet.standing,
         "reported_available": fleet.reported_available,
-        "estimated_available": fleet.estimated_available,
+        "estimated_available": fleet.estimated_free,
         "last_check": None if probe is None else probe.describe(capacity_key),
         "last_check_passed": None if probe is None else probe.passed,
         "last_check_age_s": (

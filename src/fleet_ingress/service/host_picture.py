@@ -112,7 +112,7 @@ def status_line_of(supervisor: Pictured) -> str:
     """systemd's STATUS= line, and the "ready" line's status."""
     fleets = supervisor.balancer.fleets
     up = sum(1 for f in fleets if f.health is Health.UP)
-    eligible = sum(1 for f in fleets if f.up and f.has_room)
+    eligible = sum(1 for f in fleets if f.takes_calls)
     return (
         f"{supervisor.host_calls} calls, {up}/{len(fleets)} fleets up, "
         f"{eligible} taking calls, queue {supervisor.slots.queue_length}, "

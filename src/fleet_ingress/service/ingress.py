@@ -543,7 +543,7 @@ class Ingress:
         """One line for systemd's STATUS= and logs: calls and fleets at a glance."""
         fleets = self.balancer.fleets
         up = sum(1 for f in fleets if f.health is Health.UP)
-        eligible = sum(1 for f in fleets if f.up and f.has_room)
+        eligible = sum(1 for f in fleets if f.takes_calls)
         return (
             f"{len(self.registry.tunnels())} calls, {up}/{len(fleets)} fleets up, "
             f"{eligible} taking calls, queue {self.dispatcher.queue_length}"
