@@ -355,7 +355,7 @@ def _read_variant(self: TLSConnection) -> None:
         except ssl.SSLWantReadError:
             return
         except ssl.SSLWantWriteError:
-            self._want_write_for_read = True
+            self._want_write_for_read = self._detour = True
             self._sync_io()
             return
         except ssl.SSLEOFError as exc:
@@ -457,7 +457,7 @@ def _relay_side(src: Side, dst: Side) -> None:
 def _relay_read_end(conn: TLSConnection, kind: str, reason: str | None) -> None:
     """The C relay's read did not read a record: as ``TLSConnection._read`` handles it."""
     if kind == "want_write":
-        conn._want_write_for_read = True
+        conn._want_write_for_read = conn._detour = True
         conn._sync_io()
     elif kind == "zero":  # the peer's close_notify
         conn._peer_ended(clean=True)

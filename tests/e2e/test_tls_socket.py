@@ -2476,6 +2476,64 @@ async def test_a_peer_that_sends_many_records_and_resets_while_close_notify_wait
     assert time.monotonic() - started < 2
 
 
+async def test_a_linked_connections_read_event_takes_the_hot_path_on_one_look(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's read event, counted in `_on_readable`'s own interpreter steps
+    (sys.settrace, opcode events, CPython 3.11): one flag (`_detour`) says
+    the hot path, where five looks did (open, not detoured, not paused, not
+    ended, no read waiting for a writable socket): about 320 instructions a
+    relayed record (callgrind, session 46). Paused, it reads nothing, and
+    reads on at the resume (the flag follows)."""
+    steps: list[int] = []
+    on_readable = TLSConnection._on_readable
+    code = on_readable.__code__
+    watched: list[TLSConnection] = []
+
+    def counted(conn: TLSConnection) -> None:
+        if conn not in watched:
+            on_readable(conn)
+            return
+        count = 0
+
+        def tracer(frame: Any, event: str, arg: object) -> Any:
+            nonlocal count
+            if frame.f_code is not code:
+                return None
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                count += 1
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            on_readable(conn)
+        finally:
+            sys.settrace(None)
+        steps.append(count)
+
+    monkeypatch.setattr(TLSConnection, "_on_readable", counted)
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    peer.conn.linked()  # a call's: its reads take the hot path
+    await asyncio.sleep(0.05)  # linked's one look at TCP, on the next turn
+    watched.append(peer.conn)
+    conn.write(b"x" * 100)
+    await eventually(lambda: len(peer.data) == 100)
+    assert steps and max(steps) <= 13, steps  # 28 before session 46
+    peer.conn.pause_reading()
+    conn.write(b"y" * 100)
+    await asyncio.sleep(0.1)
+    assert len(peer.data) == 100  # paused: nothing read
+    peer.conn.resume_reading()
+    await eventually(lambda: len(peer.data) == 200)
+    conn.write(b"z" * 100)
+    await eventually(lambda: len(peer.data) == 300)
+    assert bytes(peer.data) == b"x" * 100 + b"y" * 100 + b"z" * 100
+
+
 async def test_a_read_on_to_a_reset_that_a_pause_stopped_goes_on_at_the_resume(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
