@@ -400,3 +400,29 @@ def test_a_lone_worker_whose_channel_is_lost_keeps_its_budgets_rest_counted_as_c
     assert slots.acquire("w2", 1, [], 0.0) is None  # no room: it waits
     row, answers = slots.release_kept("w1")
     assert [(g.worker, g.lease) for g in answers] == [("w2", 1)] and a.active == 1
+
+
+def test_a_lone_worker_whose_channel_is_lost_counts_what_its_call_table_has_live() -> None:
+    """With its call table read as the channel ends (`live`, lease -> fleet),
+    the calls it granted from its lone budget and never told are exactly
+    those live there and not held here: the budget's rest comes back at once.
+    Counted as the whole rest instead, a worker cut from its channel held
+    every slot of its fleets until it exited (timeouts.drain + 5 s: the
+    replacement's calls queued and got 503 meanwhile)."""
+    slots = _table("https://a.test name=a maxconn=4\nhttps://b.test name=b maxconn=4\n")
+    a, b = _fleet(slots, "a"), _fleet(slots, "b")
+    a.health = b.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    assert isinstance(slots.acquire("w1", 1, [], 0.0), Granted)  # told: a call
+    told = a if a.active else b
+    slots.give_standing("w1", {"a": 4 - a.active, "b": 4 - b.active}, lone=True)
+    # Its table: the told call, two granted from the budget and held (on a and
+    # b), one ended, one not granted yet (no fleet: no slot).
+    live = {1: told.name, 7: "a", 8: "b"}
+    row, answers = slots.leave("w1", keep_held=True, live=live)
+    assert row is not None and row.channel_lost and answers == []
+    assert (a.active + b.active, a.standing + b.standing, row.calls) == (3, 0, 3)
+    slots.join("w2", pid=2, generation=1)
+    assert isinstance(slots.acquire("w2", 1, [], 0.0), Granted)  # room at once
+    row, answers = slots.release_kept("w1")
+    assert a.active + b.active == 1

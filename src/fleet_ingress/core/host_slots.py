@@ -35,7 +35,7 @@ upper bound and maxconn holds while the others are granted again.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
@@ -214,7 +214,11 @@ class HostSlots:
         return row
 
     def leave(
-        self, worker: WorkerKey, *, keep_held: bool = False
+        self,
+        worker: WorkerKey,
+        *,
+        keep_held: bool = False,
+        live: Mapping[int, str] | None = None,
     ) -> tuple[WorkerRow | None, list[Answer]]:
         """The worker's channel ended: its waiters leave the queue (nobody is
         left to answer) and every slot it held comes back. Returns its last
@@ -222,7 +226,10 @@ class HostSlots:
 
         `keep_held`: its process still runs (its calls go on without a
         channel): the slots stay counted, its row stays (`channel_lost`, shown
-        in stats) until `release_kept`. A row with nothing held just goes."""
+        in stats) until `release_kept`. A row with nothing held just goes.
+        `live`: what its call table says it has live now, lease -> fleet name
+        (`keep_held` only): the calls of a lone budget it never told are
+        those, not the budget's whole rest."""
         row = self._rows.get(worker)
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
@@ -231,22 +238,31 @@ class HostSlots:
         # A lone one's grants are held by its worker (`slot_client`): its process
         # running on, it may have granted from it calls this table never heard
         # of, so what was left of it is kept counted as its calls until it
-        # exits (an upper bound, as `count_budget`'s: maxconn holds).
-        unheard = (
-            [
-                row.standing_fleets[name]
-                for name, n in row.standing.slots().items()
-                for _ in range(n)
-            ]
-            if keep_held and row.standing is not None and row.standing_lone
-            else []
-        )
+        # exits. Its call table (`live`) names them: those live there and not
+        # held here. Without one (none made, or unreadable), what was left of
+        # the budget is counted instead (an upper bound, as `count_budget`'s:
+        # maxconn holds, but a fleet may read full until the worker exits).
+        unheard: dict[int, FleetState] = {}
+        if keep_held and row.standing is not None and row.standing_lone:
+            if live is not None:
+                unheard = {
+                    lease: row.standing_fleets[name]
+                    for lease, name in live.items()
+                    if lease not in row.held and name in row.standing_fleets
+                }
+            else:
+                below = min(row.held, default=0)
+                start = below if below < 0 else 0  # under any negative id `reserve` used
+                rest = [
+                    row.standing_fleets[name]
+                    for name, n in row.standing.slots().items()
+                    for _ in range(n)
+                ]
+                unheard = {start - i: fleet for i, fleet in enumerate(rest, 1)}
         self._unreserve(row)
-        below = min(row.held, default=0)
-        start = below if below < 0 else 0  # under any negative id `reserve` used
-        for i, fleet in enumerate(unheard, 1):
+        for lease, fleet in unheard.items():
             fleet.active += 1
-            row.held[start - i] = fleet
+            row.held[lease] = fleet
         if keep_held and row.held:
             row.channel_lost = True
             for lease, fleet in row.held.items():

@@ -336,6 +336,10 @@ class SlotServer:
         # channel ends: its slots then stay counted until `release_kept`. None:
         # every channel's end gives its slots back at once (no process known).
         self.keeps_slots: Callable[[int, int], bool] | None = None
+        # Channel key -> the calls that worker's call table has live now, lease
+        # -> fleet name (None: no table, or unreadable): asked as a channel
+        # ends whose worker runs on, for the calls of a lone budget it never told.
+        self.live_calls: Callable[[int], dict[int, str] | None] | None = None
         # Who each open lease's call is ("call" in "acquire": `Call.identity`),
         # by channel key, then lease: the access line the supervisor writes for
         # a call lost with its worker. Gone with the lease (released, refused);
@@ -1389,7 +1393,8 @@ class SlotServer:
             and channel.pid is not None
             and self.keeps_slots(channel.key, channel.pid)
         )
-        row, answers = self.slots.leave(channel.key, keep_held=keep)
+        live = self.live_calls(channel.key) if keep and self.live_calls is not None else None
+        row, answers = self.slots.leave(channel.key, keep_held=keep, live=live)
         self._left_calls[channel.key] = self._calls.pop(channel.key, {})
         if row is not None and row.channel_lost:
             # Also a worker that died: the kernel closes its channel a moment

@@ -198,6 +198,7 @@ class WorkerPool:
         server.on_join.append(self._joined)
         server.on_leave.append(self._left)
         server.keeps_slots = self._still_running
+        server.live_calls = self._live_on_table
         server.handlers["serving"] = self._serving
 
     # -- start -------------------------------------------------------------------
@@ -446,6 +447,29 @@ class WorkerPool:
                 return False
             pid = worker.pid  # the process we know, not the pid its channel claimed
         return child_running(pid)
+
+    def _live_on_table(self, key: int) -> dict[int, str] | None:
+        """The calls the call table of the worker behind channel `key` has live
+        and granted now, lease -> fleet name; None without a table or when it
+        cannot be read (the caller then counts an upper bound)."""
+        worker = self.workers.get(key)
+        fd = None if worker is None else worker.call_table_fd
+        if fd is None:
+            return None
+        try:
+            table = read_table_fd(fd)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "worker's call table cannot be read as its slot channel ends: the rest "
+                "of its budget stays counted as its calls until it exits",
+                extra=fields(pid=worker.pid, generation=worker.generation, error=str(exc)),
+            )
+            return None
+        return {
+            lease: call["fleet"]
+            for lease, (state, call) in table.items()
+            if state == LIVE and call.get("fleet") is not None
+        }
 
     def worker_silent(self, key: int, pulls: int, silent_for: float) -> None:
         """Worker `key` has answered none of the last `pulls` report requests:
