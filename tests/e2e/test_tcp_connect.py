@@ -138,7 +138,7 @@ async def test_a_refusal_is_raised_over_an_address_this_host_cannot_use(
     assert only.value.errno == errno.EADDRNOTAVAIL
 
 
-async def test_a_connect_the_kernel_refuses_at_once_raises_its_errno_and_waits_for_nothing() -> None:
+async def test_a_connect_refused_at_once_raises_its_errno_one_under_way_waits() -> None:
     """A connect failed by the kernel before any packet (a link-local address
     with no interface: EINVAL) is raised as that errno's OSError at once; a
     connect under way (EINPROGRESS) is waited for, a refusal then raised as
