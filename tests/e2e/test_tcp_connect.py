@@ -138,6 +138,45 @@ async def test_a_refusal_is_raised_over_an_address_this_host_cannot_use(
     assert only.value.errno == errno.EADDRNOTAVAIL
 
 
+async def test_a_connect_refused_at_once_raises_its_errno_one_under_way_waits() -> None:
+    """A connect failed by the kernel before any packet (a link-local address
+    with no interface: EINVAL) is raised as that errno's OSError at once; a
+    connect under way (EINPROGRESS) is waited for, a refusal then raised as
+    ConnectionRefusedError, a connection made returned (connect_socket reads
+    connect_ex's number: nothing raised and caught for a connect under way)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        with pytest.raises(OSError) as failed:
+            await asyncio.wait_for(tcp_connect.connect_socket(sock, ("fe80::1", 443, 0, 0)), 5)
+        assert type(failed.value) is OSError
+        assert failed.value.errno == errno.EINVAL
+        assert failed.value.strerror == os.strerror(errno.EINVAL)
+    finally:
+        sock.close()
+    with listening() as port:
+        pass  # closed: nothing listens there now
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.wait_for(tcp_connect.connect_socket(sock, ("127.0.0.1", port)), 5)
+    finally:
+        sock.close()
+    with listening() as port:
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                tcp_connect.connect_socket(sock, ("127.0.0.1", port), keep_writer=True), 5
+            )
+            assert sock.getpeername() == ("127.0.0.1", port)
+            loop.remove_writer(sock.fileno())  # kept, as asked: the caller's to remove
+        finally:
+            sock.close()
+
+
 async def test_the_attempts_that_lose_leave_no_socket_open() -> None:
     before = _open_fds()
     with black_hole() as dead, listening() as alive:

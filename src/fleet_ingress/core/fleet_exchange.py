@@ -77,26 +77,32 @@ _PLAIN_101 = re.compile(
     f"HTTP/1\\.[01] 101(?: [^\r]*)?\r\n(?>{FIELD_NAME}:[^\r]*\r\n)*+\r\n".encode()
 )
 _HTTP_1 = b"HTTP/1."
-_H11_NORMALIZES = (b"content-length", b"transfer-encoding")
 
 
-def _write_request(method: bytes, target: bytes, headers: list[Header]) -> bytes | None:
-    """The request as h11 writes it, or None when only h11 should: its Host
-    not first (h11 writes it first; the ingress's own requests have it
-    there, `forwarding`), or not once (h11's error, or its way)."""
+def _write_request(
+    method: bytes, target: bytes, headers: list[Header]
+) -> tuple[bytes, bytes] | None:
+    """The request as h11 writes it, and lowercased, or None when only h11
+    should write it: its Host not first (h11 writes it first; the ingress's
+    own requests have it there, `forwarding`), or not once (h11's error, or its
+    way)."""
     start = b"%s %s HTTP/1.1\r\n" % (method, target)
     request = b"".join([start, *[b"%s: %s\r\n" % pair for pair in headers], b"\r\n"])
     lowered = request.lower()
+    # `find(...) >= 0`, not `in`: CPython 3.11's `in` on bytes tries its operand
+    # as an integer first, and makes and clears a TypeError (about 2,500
+    # instructions, callgrind) before it searches.
     if (
         not lowered.startswith(b"host:", len(start))
         or lowered.count(b"\r\nhost:") != 1
-        or any(name in lowered for name in _H11_NORMALIZES)
+        or lowered.find(b"content-length") >= 0
+        or lowered.find(b"transfer-encoding") >= 0
         or request.count(b"\n") != len(headers) + 2  # a CR LF inside a field: h11 refuses it
         or not _only_crlfs(request)
         or not _PLAIN_REQUEST.fullmatch(request)
     ):
         return None
-    return request
+    return request, lowered
 
 
 def _only_crlfs(head: bytes | bytearray) -> bool:
@@ -126,6 +132,11 @@ class Progress(enum.Enum):
     NEED_DATA = "need_data"
     HEAD_COMPLETE = "head_complete"  # status known; see `status`/`switched`
     BODY_COMPLETE = "body_complete"  # a non-101 answer ended
+
+
+# What the plain 101's read answers, read once: CPython 3.11 reads a member
+# through its class by EnumType's __getattr__ slot (~900 instructions, callgrind).
+_HEAD_COMPLETE = Progress.HEAD_COMPLETE
 
 
 @dataclass(slots=True)
@@ -163,13 +174,13 @@ class FleetExchange:
             self.request_bytes = self._h11().send(h11.EndOfMessage()) or b""
             self.request_bytes = self._written + self.request_bytes
         else:
-            self.request_bytes = written
+            self.request_bytes, lowered = written
         # A WebSocket handshake's answer is read by httptools (llhttp, in C)
         # while it is a plain 101 (`_PLAIN_101`); anything else, by h11 from
         # its first byte (`_to_h11`), as it always was.
         self._fast: httptools.HttpResponseParser | None = None
         self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
-        if written is not None and b"\r\nupgrade:" in written.lower():
+        if written is not None and lowered.find(b"\r\nupgrade:") >= 0:
             self._fast = httptools.HttpResponseParser(self._seen)
         elif written is not None:
             # No handshake (an ACME challenge to certbot): h11 reads the answer,
@@ -245,7 +256,7 @@ class FleetExchange:
                 self._fast = None
                 self._check_switch(self._seen.headers)
                 self._head_done(ResponseHead(101, switched=True), head_bytes)
-                return Progress.HEAD_COMPLETE
+                return _HEAD_COMPLETE
         except httptools.HttpParserError:
             pass
         else:

@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.core.addresses import format_hostport, peer_ip
@@ -320,9 +320,11 @@ class CarrierListener:
             inherited = liveness.inherited_by(conn)
         if not inherited:
             liveness.apply(conn)
+        loop = self._loop
+        assert loop is not None  # start() set it (not typing.cast: a call at run time)
         try:
             tls = wrap_accepted(
-                cast(asyncio.AbstractEventLoop, self._loop),
+                loop,
                 conn,
                 self.server_ssl(),
                 nodelay=not inherited,
