@@ -238,26 +238,53 @@ class ProxyContext:
 class _Side(asyncio.BufferedProtocol):
     """What both sides share: the link to the peer, flow control, the read buffer."""
 
-    transport: asyncio.Transport | None = None
-    # The peer's transport once linked: the hot path writes straight to it.
-    peer: asyncio.Transport | None = None
-    peer_side: _Side | None = None
-    bytes_received = 0
-    lost = False
-    given_up: PeerGaveNoAnswer | None = None  # cut for a peer that stopped answering
-    reading_paused = False  # by flow control (the peer's buffer is full)
-    _abort_timer: PatientTimer | None = None
-    # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
-    tracker: FrameTracker | None = None
-    saying_goodbye = False  # a close frame is sent to this side, or waits for a boundary
-    close_heard = False  # this side's close frame was reported to the machine
-    _masked = False  # whether this side's frames are masked (a client's)
-    _reply_timer: PatientTimer | None = None
-    # Its context's close_flush_timeout (a fleet side's: its carrier's), set at start.
-    close_flush_timeout = CLOSE_FLUSH_TIMEOUT
-    # The loop, looked up once a call (the carrier's connection_made), not at
-    # each timer: CPython 3.11's get_running_loop makes a getpid system call.
-    _loop: asyncio.AbstractEventLoop | None = None
+    # Slots, not an instance dict (here and in both sides): CPython 3.11 keeps
+    # an instance's attributes inline only while its class's shared key table
+    # takes their names, and that table's room shrinks by one with every
+    # instance made. Carriers accepted in a burst before the first call linked
+    # froze it without the names a link sets (peer, tracker, transport...):
+    # every later call's sides held their attributes in a dict, read on the
+    # relay's hot path (tests/socketpair/test_side_attributes.py).
+    __slots__ = (
+        "_abort_timer",
+        "_loop",
+        "_reply_timer",
+        "bytes_received",
+        "close_flush_timeout",
+        "close_heard",
+        "given_up",
+        "lost",
+        "peer",
+        "peer_side",
+        "reading_paused",
+        "saying_goodbye",
+        "tracker",
+        "transport",
+    )
+    _masked = False  # whether this side's frames are masked (a client's): per class
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        # The peer's transport once linked: the hot path writes straight to it.
+        self.peer: asyncio.Transport | None = None
+        self.peer_side: _Side | None = None
+        self.bytes_received = 0
+        self.lost = False
+        # Cut for a peer that stopped answering.
+        self.given_up: PeerGaveNoAnswer | None = None
+        self.reading_paused = False  # by flow control (the peer's buffer is full)
+        self._abort_timer: PatientTimer | None = None
+        # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
+        self.tracker: FrameTracker | None = None
+        # A close frame is sent to this side, or waits for a boundary.
+        self.saying_goodbye = False
+        self.close_heard = False  # this side's close frame was reported to the machine
+        self._reply_timer: PatientTimer | None = None
+        # Its context's close_flush_timeout (a fleet side's: its carrier's), set at start.
+        self.close_flush_timeout = CLOSE_FLUSH_TIMEOUT
+        # The loop, looked up once a call (the carrier's connection_made), not at
+        # each timer: CPython 3.11's get_running_loop makes a getpid system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports duck-type asyncio.Transport without subclassing it
@@ -524,9 +551,32 @@ class CarrierProtocol(_Side):
     it feeds the machine what the transports, the slot source and the timers say,
     and carries out what the machine commands. It decides nothing itself."""
 
+    __slots__ = (
+        "_early",
+        "_early_look",
+        "_ended_after_bug",
+        "_ended_at_bound",
+        "_events",
+        "_feeding",
+        "_fleet",
+        "_head",
+        "_raw_head",
+        "_reader",
+        "_received_at",
+        "_task",
+        "_timers",
+        "_underway",
+        "call",
+        "client_ip",
+        "ctx",
+        "fleet_side",
+        "machine",
+        "target",
+    )
     _masked = True  # the carrier is the WebSocket client
 
     def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__()
         self.ctx = ctx
         self.close_flush_timeout = ctx.close_flush_timeout
         self.machine = CallMachine(ctx.rules)
@@ -1312,7 +1362,10 @@ _NEED_DATA = Progress.NEED_DATA
 class FleetProtocol(_Side):
     """The fleet side of one call attempt: reports to its carrier's pump."""
 
+    __slots__ = ("_head_read", "_pending", "exchange", "pump")
+
     def __init__(self, pump: CarrierProtocol, exchange: FleetExchange) -> None:
+        super().__init__()
         # None once the attempt is dropped: a late word from it goes nowhere.
         self.pump: CarrierProtocol | None = pump
         self._loop = pump._loop
