@@ -1865,6 +1865,37 @@ async def test_a_lone_worker_gone_with_grants_and_releases_held_gives_every_slot
         os.close(fd)
 
 
+async def test_a_lone_workers_grant_held_past_a_probe_is_not_counted_twice(asked_host):
+    """The lone worker grants a call (its "acquire" held for its next write)
+    and the fleet answers it; a probe leaves and the fleet's number counts it;
+    the acquire is read after. It is counted as opened before that probe (its
+    "at"), not since: on main the estimate read one low per call granted in
+    the ANSWERS_FLUSH before each probe, until the next one (the lone budget
+    given again that much smaller, the fleet FULL early)."""
+    h = asked_host(maxconn=8, lone=True)
+    fleets = {f.name: f for f in h.slots.balancer.fleets}
+    for f in fleets.values():  # probed: 4 free each
+        f.probe_counted(4, f.probe_sending(time.monotonic()))
+    w1 = await h.worker()
+    fd = _with_table(w1, 8)
+    try:
+        await _lone_budget_taken(h, w1)
+        granted_at = time.monotonic()
+        lease = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        answered_at = time.monotonic()
+        lease.fleet_answered(answered_at)
+        fleet = fleets[lease.fleet.name]
+        # A probe leaves after its 101; the fleet's number counts the call.
+        fleet.probe_counted(3, fleet.probe_sending(answered_at + 0.001))
+        if time.monotonic() - granted_at < ANSWERS_FLUSH / 2:
+            assert fleet.active == 0  # held: read after the probe
+        assert await h.server.collect_reports(2.0) == 0
+        assert fleet.active == 1
+        assert fleet.estimated_free == 3
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.timeout(60)
 async def test_a_second_workers_many_parked_messages_are_each_read_once_in_order(
     asked_host, monkeypatch

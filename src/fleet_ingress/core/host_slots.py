@@ -594,10 +594,15 @@ class HostSlots:
         if row is not None and row.standing is not None:
             row.standing_taken = True
 
-    def grant_standing(self, worker: WorkerKey, lease: int, name: str) -> Granted:
+    def grant_standing(
+        self, worker: WorkerKey, lease: int, name: str, *, granted_at: float | None = None
+    ) -> Granted:
         """The worker granted lease `lease` on fleet `name` from its standing
         budget (its "acquire" marked "budget"): the reserved slot becomes the
-        lease's, a grant of the host's like any (`_grant`)."""
+        lease's, a grant of the host's like any (`_grant`). `granted_at`: when
+        it did (monotonic, its "at"; a worker before it does not say): a probe
+        sent since does not count it as opened after it
+        (`FleetState.grant_heard_late`)."""
         row = self.row(worker)
         if lease in row.held:
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
@@ -608,7 +613,10 @@ class HostSlots:
                 "standing budget it does not have there"
             )
         fleet.standing -= 1
-        return self._grant(row, lease, fleet)
+        granted = self._grant(row, lease, fleet)
+        if granted_at is not None:
+            fleet.grant_heard_late((worker, lease) if row.tells_answers else None, granted_at)
+        return granted
 
     def end_standing(
         self,

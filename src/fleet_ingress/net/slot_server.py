@@ -1083,9 +1083,14 @@ class SlotServer:
         if op == "acquire":
             lease = field(message, "id", int)
             if message.get("budget") is True and message.get("standing") is True:
-                # Granted by the worker from its standing budget: the host's grant.
+                # Granted by the worker from its standing budget: the host's grant,
+                # made when it says ("at", monotonic: a held one is read late).
+                at = message.get("at")
                 granted = self.slots.grant_standing(
-                    channel.key, lease, field(message, "fleet", str)
+                    channel.key,
+                    lease,
+                    field(message, "fleet", str),
+                    granted_at=at if type(at) is float and math.isfinite(at) else None,
                 )
                 if isinstance(call := message.get("call"), dict):
                     self._keep_call(channel.key, lease, call, message)
