@@ -31,7 +31,7 @@ from fleet_ingress.net.slot_client import (
     SlotClient,
 )
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
-from fleet_ingress.net.slot_wire import encode, spec_to_wire
+from fleet_ingress.net.slot_wire import LineDecoder, encode, spec_to_wire
 from tests.support import eventually, fill_unread_channel
 
 TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
@@ -1894,6 +1894,46 @@ async def test_a_lone_workers_grant_held_past_a_probe_is_not_counted_twice(asked
         assert fleet.estimated_free == 3
     finally:
         os.close(fd)
+
+
+async def test_a_lone_workers_call_asked_as_its_budget_is_given_waits_for_it_with_queueing_off(
+    asked_host,
+):
+    """Queueing off (timeouts.queue 0): the only worker asks the supervisor
+    for a slot just as it is given a lone budget (it had none: its hello, a
+    probe, a 429 or a second worker took it back; the two cross on the wire).
+    Every free slot is reserved for that same worker: the call waits for them
+    (the budget is taken back at once, a round trip) and is granted. On main
+    it was refused 503 "every fleet is at capacity and queueing is off"
+    while its fleets had room (SPEC 4: 503 only when none is eligible)."""
+    h = asked_host(maxconn=2, queue_timeout=0, lone=True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await h.server.adopt(ours)
+        hello = {"op": "hello", "pid": 4242, "generation": 1, "answers": True, "lone": True}
+        # Its hello and its first call's ask in one write: read in that order.
+        asking = {"op": "acquire", "id": 1, "avoid": [], "call": {"call_id": "c1"}}
+        await loop.sock_sendall(theirs, encode(hello) + encode(asking))
+        decoder, seen = LineDecoder(), []
+        async with asyncio.timeout(5):
+            while not any(m["op"] in ("granted", "refused") for m in seen):
+                for message in decoder.feed(await loop.sock_recv(theirs, 65536)):
+                    seen.append(message)
+                    if message["op"] == "budget":  # taken, then dropped when told
+                        await loop.sock_sendall(theirs, encode({"op": "budget-taken"}))
+                    elif message["op"] == "budget-end":
+                        await loop.sock_sendall(theirs, encode({"op": "budget-dropped"}))
+        answer = next(m for m in seen if m["op"] in ("granted", "refused"))
+        assert answer["op"] == "granted", answer
+        assert [m["op"] for m in seen[:2]] == ["budget", "budget-end"]
+        assert answer["queued"] is True  # it waited for the reserved slots
+        assert h.slots.queue_timeouts == 0 and h.slots.queue_length == 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+    finally:
+        theirs.close()
 
 
 @pytest.mark.timeout(60)
