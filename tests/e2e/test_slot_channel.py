@@ -1936,6 +1936,34 @@ async def test_a_lone_workers_call_asked_as_its_budget_is_given_waits_for_it_wit
         theirs.close()
 
 
+async def test_a_call_asked_on_a_parked_channel_that_ends_still_has_its_line(
+    asked_host, monkeypatch
+):
+    """A second worker asks for a slot while the lone one is taking its
+    budget back (its message parked), and dies: who the call is was in the
+    parked "acquire" alone. It is kept (its line as lost with its worker);
+    on main it was not, and a call with no record in its worker's table
+    went without a line."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 30.0)  # told, not timed
+    h = asked_host(maxconn=1, queue_timeout=5.0, lone=True)
+    w1 = await h.worker()
+    await _lone_budget_taken(h, w1)
+    assert w1._transport is not None
+    w1._transport.pause_reading()  # busy: it reads "budget-end" later
+    w2 = await h.worker()
+    (channel,) = [c for c in h.server._channels.values() if c.pid == w2.pid]
+    asked = asyncio.ensure_future(w2.lease(call={"call_id": "c7", "bot_id": "bot-7"}))
+    await eventually(lambda: len(channel.parked) == 1)
+    assert w2._transport is not None
+    w2._transport.abort()  # SIGKILL's effect on its channel
+    with pytest.raises(NoFleetAvailable):
+        await asyncio.wait_for(asked, 2)
+    await eventually(lambda: channel.key not in h.server._channels)
+    calls = h.server.take_calls(channel.key)
+    assert [c.get("call_id") for c in calls.values()] == ["c7"]
+    w1._transport.resume_reading()
+
+
 @pytest.mark.timeout(60)
 async def test_a_second_workers_many_parked_messages_are_each_read_once_in_order(
     asked_host, monkeypatch

@@ -1555,17 +1555,22 @@ class SlotServer:
 
     def _read_parked_calls(self, channel: _Channel) -> None:
         """A channel gone with messages parked: who its calls are is kept
-        as they say (a "logged" or "release" forgets the call, an "answered"
-        says its 101), so that no call it logged gets a second line."""
-        calls = self._calls.get(channel.key)
-        if not calls:
-            return
+        as they say (an "acquire" names a call waiting for its slot, a
+        "logged" or "release" forgets the call, an "answered" says its 101),
+        so that no call it logged gets a second line and none it asked a slot
+        for goes without one."""
         for message in channel.parked:
             op = message.get("op")
             with contextlib.suppress(TypeError, ValueError):
-                if op in ("logged", "release"):
+                if op == "acquire" and isinstance(call := message.get("call"), dict):
+                    # A call waiting for its slot: lost with its worker, it has its
+                    # line (before, only if its worker's table had a record of it).
+                    asked = int(message.get("id"))  # type: ignore[arg-type]
+                    self._keep_call(channel.key, asked, call, message)
+                elif op in ("logged", "release"):
                     self._forget_call(channel.key, int(message.get("id")))  # type: ignore[arg-type]
                 elif op == "answered":
+                    calls = self._calls.get(channel.key, {})
                     for lease, at in message.get("leases") or []:
                         if (call := calls.get(int(lease))) is not None:
                             call["status"] = 101
