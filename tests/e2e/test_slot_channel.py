@@ -31,7 +31,7 @@ from fleet_ingress.net.slot_client import (
     SlotClient,
 )
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
-from fleet_ingress.net.slot_wire import encode, spec_to_wire
+from fleet_ingress.net.slot_wire import LineDecoder, encode, spec_to_wire
 from tests.support import eventually, fill_unread_channel
 
 TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
@@ -1863,6 +1863,105 @@ async def test_a_lone_worker_gone_with_grants_and_releases_held_gives_every_slot
         assert sorted(c["call_id"] for c in lost.values()) == [1, 3]
     finally:
         os.close(fd)
+
+
+async def test_a_lone_workers_grant_held_past_a_probe_is_not_counted_twice(asked_host):
+    """The lone worker grants a call (its "acquire" held for its next write)
+    and the fleet answers it; a probe leaves and the fleet's number counts it;
+    the acquire is read after. It is counted as opened before that probe (its
+    "at"), not since: on main the estimate read one low per call granted in
+    the ANSWERS_FLUSH before each probe, until the next one (the lone budget
+    given again that much smaller, the fleet FULL early)."""
+    h = asked_host(maxconn=8, lone=True)
+    fleets = {f.name: f for f in h.slots.balancer.fleets}
+    for f in fleets.values():  # probed: 4 free each
+        f.probe_counted(4, f.probe_sending(time.monotonic()))
+    w1 = await h.worker()
+    fd = _with_table(w1, 8)
+    try:
+        await _lone_budget_taken(h, w1)
+        granted_at = time.monotonic()
+        lease = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        answered_at = time.monotonic()
+        lease.fleet_answered(answered_at)
+        fleet = fleets[lease.fleet.name]
+        # A probe leaves after its 101; the fleet's number counts the call.
+        fleet.probe_counted(3, fleet.probe_sending(answered_at + 0.001))
+        if time.monotonic() - granted_at < ANSWERS_FLUSH / 2:
+            assert fleet.active == 0  # held: read after the probe
+        assert await h.server.collect_reports(2.0) == 0
+        assert fleet.active == 1
+        assert fleet.estimated_free == 3
+    finally:
+        os.close(fd)
+
+
+async def test_a_lone_workers_call_asked_as_its_budget_is_given_waits_for_it_with_queueing_off(
+    asked_host,
+):
+    """Queueing off (timeouts.queue 0): the only worker asks the supervisor
+    for a slot just as it is given a lone budget (it had none: its hello, a
+    probe, a 429 or a second worker took it back; the two cross on the wire).
+    Every free slot is reserved for that same worker: the call waits for them
+    (the budget is taken back at once, a round trip) and is granted. On main
+    it was refused 503 "every fleet is at capacity and queueing is off"
+    while its fleets had room (SPEC 4: 503 only when none is eligible)."""
+    h = asked_host(maxconn=2, queue_timeout=0, lone=True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await h.server.adopt(ours)
+        hello = {"op": "hello", "pid": 4242, "generation": 1, "answers": True, "lone": True}
+        # Its hello and its first call's ask in one write: read in that order.
+        asking = {"op": "acquire", "id": 1, "avoid": [], "call": {"call_id": "c1"}}
+        await loop.sock_sendall(theirs, encode(hello) + encode(asking))
+        decoder, seen = LineDecoder(), []
+        async with asyncio.timeout(5):
+            while not any(m["op"] in ("granted", "refused") for m in seen):
+                for message in decoder.feed(await loop.sock_recv(theirs, 65536)):
+                    seen.append(message)
+                    if message["op"] == "budget":  # taken, then dropped when told
+                        await loop.sock_sendall(theirs, encode({"op": "budget-taken"}))
+                    elif message["op"] == "budget-end":
+                        await loop.sock_sendall(theirs, encode({"op": "budget-dropped"}))
+        answer = next(m for m in seen if m["op"] in ("granted", "refused"))
+        assert answer["op"] == "granted", answer
+        assert [m["op"] for m in seen[:2]] == ["budget", "budget-end"]
+        assert answer["queued"] is True  # it waited for the reserved slots
+        assert h.slots.queue_timeouts == 0 and h.slots.queue_length == 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+    finally:
+        theirs.close()
+
+
+async def test_a_call_asked_on_a_parked_channel_that_ends_still_has_its_line(
+    asked_host, monkeypatch
+):
+    """A second worker asks for a slot while the lone one is taking its
+    budget back (its message parked), and dies: who the call is was in the
+    parked "acquire" alone. It is kept (its line as lost with its worker);
+    on main it was not, and a call with no record in its worker's table
+    went without a line."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 30.0)  # told, not timed
+    h = asked_host(maxconn=1, queue_timeout=5.0, lone=True)
+    w1 = await h.worker()
+    await _lone_budget_taken(h, w1)
+    assert w1._transport is not None
+    w1._transport.pause_reading()  # busy: it reads "budget-end" later
+    w2 = await h.worker()
+    (channel,) = [c for c in h.server._channels.values() if c.pid == w2.pid]
+    asked = asyncio.ensure_future(w2.lease(call={"call_id": "c7", "bot_id": "bot-7"}))
+    await eventually(lambda: len(channel.parked) == 1)
+    assert w2._transport is not None
+    w2._transport.abort()  # SIGKILL's effect on its channel
+    with pytest.raises(NoFleetAvailable):
+        await asyncio.wait_for(asked, 2)
+    await eventually(lambda: channel.key not in h.server._channels)
+    calls = h.server.take_calls(channel.key)
+    assert [c.get("call_id") for c in calls.values()] == ["c7"]
+    w1._transport.resume_reading()
 
 
 @pytest.mark.timeout(60)

@@ -341,3 +341,35 @@ def test_slots_reserved_for_a_budget_are_room_to_an_operator_not_to_a_pick():
     assert (a.has_room, a.takes_calls, a.out_of_workers) == (False, False, False)
     a.reported_available = 4  # and the fleet's own word: FULL
     assert a.out_of_workers and fleet_row(a, "available", Counts(), {}, {})["full"]
+
+
+def test_a_grant_heard_after_a_probe_left_that_counted_it_is_not_counted_twice():
+    """A lone worker holds its grants' "acquire" (ANSWERS_FLUSH at most): a
+    call it granted before a probe left may be in that probe's number, and
+    is heard of after it. It is one of the calls opened before that probe
+    (and in flight then unless its 101 is told from before it), for the probe
+    counted and for one still out: counted as opened since the probe, the
+    estimate read one low for each until the next probe (fails on main:
+    no `grant_heard_late`)."""
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    a.probe_counted(5, a.probe_sending(now=10.0))
+    # Granted at 11.0 and answered at 11.1 in the worker; a probe leaves at
+    # 11.5 and says 4 free (that call in its number); the acquire is read after.
+    a.probe_counted(4, a.probe_sending(now=11.5))
+    b.open(a, "x")
+    a.grant_heard_late("x", at=11.0)
+    assert a.estimated_free == 4 - 1  # in flight at the probe, as far as is known
+    a.lease_answered("x", at=11.1)  # told with it: before the probe left
+    assert a.estimated_free == 4
+    # Granted at 12.0, heard while a probe sent at 12.5 is out: counted for that one.
+    opened_before = a.probe_sending(now=12.5)
+    b.open(a, "y")
+    a.grant_heard_late("y", at=12.0)
+    a.lease_answered("y", at=12.1)
+    a.probe_counted(3, opened_before)  # x and y in its number
+    assert a.estimated_free == 3
+    # Granted after the probe left: opened since it, as before.
+    b.open(a, "z")
+    a.grant_heard_late("z", at=13.0)
+    assert a.estimated_free == 2

@@ -426,3 +426,37 @@ def test_a_lone_worker_whose_channel_is_lost_counts_what_its_call_table_has_live
     assert isinstance(slots.acquire("w2", 1, [], 0.0), Granted)  # room at once
     row, answers = slots.release_kept("w1")
     assert a.active + b.active == 1
+
+
+def test_with_queueing_off_a_call_waits_for_reserved_slots_and_only_for_them() -> None:
+    """Queueing off: a call that finds no room but slots reserved for a
+    standing budget waits for them (a call waiting takes budgets back at
+    once), as many calls as they would take; granted once they come back;
+    refused QUEUE_OFF when they do not make room (now, or RESERVED_WAIT
+    after), never counted as a queue timeout. On main each was refused at
+    once while the fleet had room."""
+    from fleet_ingress.core.host_slots import QUEUE_OFF, RESERVED_WAIT, Refused
+
+    fleets = FleetSet.from_specs(parse_fleets_text("https://a.test name=a\n", default_maxconn=2))
+    slots = HostSlots(Balancer(fleets), queue_timeout=0.0, max_queue=8)
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 2}, lone=True)
+    assert slots.reserved_room() == 2
+    assert slots.acquire("w1", 1, [], 10.0) is None  # waits for the reserved slots
+    assert slots.acquire("w1", 2, [], 10.0) is None
+    third = slots.acquire("w1", 3, [], 10.0)  # more than they would take: refused now
+    assert isinstance(third, Refused) and third.reason == QUEUE_OFF
+    slots.standing_taken("w1")
+    slots.grant_standing("w1", 7, "a")  # its worker granted one before it read budget-end
+    answers = slots.drop_standing("w1")
+    assert [(type(a).__name__, a.lease) for a in answers] == [("Granted", 1), ("Refused", 2)]
+    assert all(a.queued for a in answers) and answers[1].reason == QUEUE_OFF
+    assert slots.queue_length == 0
+    # Reserved again and not given back in time: refused RESERVED_WAIT after, not a timeout.
+    slots.release("w1", 7)
+    slots.give_standing("w1", {"a": 1}, lone=True)
+    assert slots.acquire("w1", 4, [], 20.0) is None
+    assert slots.expire(20.0 + RESERVED_WAIT - 0.01) == []
+    (late,) = slots.expire(20.0 + RESERVED_WAIT)
+    assert isinstance(late, Refused) and late.reason == QUEUE_OFF
+    assert slots.queue_timeouts == 0

@@ -82,6 +82,9 @@ class FleetState:
     _probing: set[Hashable] | None = None
     _probe_sent_at: float = 0.0
     _probe_overtaken: bool = False  # a 429 came while that probe was out: its number is older
+    # Calls granted before the probe still out left but heard of only after it
+    # (`grant_heard_late`): counted among those opened before it when it is counted.
+    _probe_opened_late: int = 0
     capacity_aware: bool = True
     # When its FULL and room were last said (logged once per real change).
     full_log: FullLog = field(default_factory=FullLog)
@@ -169,6 +172,7 @@ class FleetState:
         self._probing = set(self.pending)
         self._probe_sent_at = now
         self._probe_overtaken = False
+        self._probe_opened_late = 0
         return self.opened_total
 
     def probe_counted(self, capacity: int | None, opened_before: int) -> None:
@@ -176,11 +180,12 @@ class FleetState:
         workers are free: the estimate starts over from it. Not if a `429`
         came while it was out (`said_full`): FULL stands until the next one."""
         probing, self._probing = self._probing, None
+        late, self._probe_opened_late = self._probe_opened_late, 0
         if self._probe_overtaken:
             self._probe_overtaken = False
             return
         self.reported_available = capacity
-        self.opened_at_probe = opened_before
+        self.opened_at_probe = opened_before + late
         self.unseen = probing if probing is not None else set()
         self._unseen_since = self._probe_sent_at
 
@@ -193,6 +198,28 @@ class FleetState:
             self._probing.discard(key)
         if at < self._unseen_since:
             self.unseen.discard(key)
+
+    def grant_heard_late(self, key: Hashable | None, at: float) -> None:
+        """A call granted on this fleet at `at` (monotonic, this host's clock)
+        by a worker from its budget is heard of only now, `open` just counted
+        (a lone worker holds its "acquire" for its next write, ANSWERS_FLUSH
+        at most). A probe sent after `at` may count it in its number (the
+        fleet took it): for that probe it is one of the calls opened before it,
+        as if heard then, and in flight then (`key` left out of the estimate,
+        as `probe_sending` leaves out the calls in flight, until its 101 is
+        told with a time before the probe). Before, it was counted as opened
+        since that probe on top of the fleet's own count of it: the estimate
+        read low by each call granted in the ANSWERS_FLUSH before a probe
+        (FULL early: calls queued or refused while the fleet had room) until
+        the next probe. `key` None: its worker does not say when fleets answer."""
+        if self.reported_available is not None and at < self._unseen_since:
+            self.opened_at_probe += 1
+            if key is not None:
+                self.unseen.add(key)
+        if self._probing is not None and at < self._probe_sent_at:
+            self._probe_opened_late += 1
+            if key is not None:
+                self._probing.add(key)
 
     def lease_restored_in_flight(self, key: Hashable) -> None:
         """Lease `key`, carried over a re-execution, whose call the fleet had not

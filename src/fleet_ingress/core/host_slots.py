@@ -46,6 +46,15 @@ WorkerKey = Hashable  # whatever names a worker's channel to the caller
 
 QUEUE_OFF = "every fleet is at capacity and queueing is off"
 QUEUE_FULL = "every fleet is at capacity and the queue is full"
+# With queueing off, a call that finds no room but slots reserved for workers'
+# standing budgets (a lone worker's holds every free slot) waits for them,
+# this long at most (seconds): they are no call, and a call that waits takes
+# every budget back at once ("budget-end", a round trip). Before, it was
+# refused 503 QUEUE_OFF while its fleet had room: a lone worker's own call
+# asked of the supervisor as its budget was given (it had none a moment
+# before: a probe, a 429 or a second worker took it back) found every slot
+# reserved for itself.
+RESERVED_WAIT = 1.0
 
 
 def queue_timeout_reason(seconds: float) -> str:
@@ -525,14 +534,33 @@ class HostSlots:
             bound, reason = self._queue_bound()
             if len(self._queue) >= bound:
                 return Refused(worker, lease, reason)
-        self._queue.append(_Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout))
+        wait = self.queue_timeout if self.queue_timeout > 0 else RESERVED_WAIT
+        self._queue.append(_Waiter(worker, lease, frozenset(avoid), now, now + wait))
         return None
 
     def _queue_bound(self) -> tuple[int, str]:
-        """How many may wait, and the refusal past that: none with queueing off."""
+        """How many may wait, and the refusal past that: with queueing off,
+        as many as the slots reserved for standing budgets would take
+        (`reserved_room`: they come back as soon as a call waits), RESERVED_WAIT
+        at most."""
         if self.queue_timeout <= 0:
-            return 0, QUEUE_OFF
+            return self.reserved_room(), QUEUE_OFF
         return self.max_queue, QUEUE_FULL
+
+    def reserved_room(self) -> int:
+        """Calls the slots reserved for workers' standing budgets would take
+        were they given back now: on the fleets a pick could choose but for
+        them (UP and READY, below maxconn, workers free by their own word)."""
+        room = 0
+        for fleet in self.balancer.fleets:
+            if fleet.standing <= 0 or not fleet.up:
+                continue
+            free = min(fleet.standing, fleet.maxconn - fleet.active)
+            estimate = fleet.estimated_free if fleet.capacity_aware else None
+            if estimate is not None:
+                free = min(free, estimate)
+            room += max(0, free)
+        return room
 
     def release(self, worker: WorkerKey, lease: int) -> list[Answer]:
         """Give lease `lease` back: its slot if held, its place if still
@@ -594,10 +622,15 @@ class HostSlots:
         if row is not None and row.standing is not None:
             row.standing_taken = True
 
-    def grant_standing(self, worker: WorkerKey, lease: int, name: str) -> Granted:
+    def grant_standing(
+        self, worker: WorkerKey, lease: int, name: str, *, granted_at: float | None = None
+    ) -> Granted:
         """The worker granted lease `lease` on fleet `name` from its standing
         budget (its "acquire" marked "budget"): the reserved slot becomes the
-        lease's, a grant of the host's like any (`_grant`)."""
+        lease's, a grant of the host's like any (`_grant`). `granted_at`: when
+        it did (monotonic, its "at"; a worker before it does not say): a probe
+        sent since does not count it as opened after it
+        (`FleetState.grant_heard_late`)."""
         row = self.row(worker)
         if lease in row.held:
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
@@ -608,7 +641,10 @@ class HostSlots:
                 "standing budget it does not have there"
             )
         fleet.standing -= 1
-        return self._grant(row, lease, fleet)
+        granted = self._grant(row, lease, fleet)
+        if granted_at is not None:
+            fleet.grant_heard_late((worker, lease) if row.tells_answers else None, granted_at)
+        return granted
 
     def end_standing(
         self,
@@ -719,6 +755,16 @@ class HostSlots:
             answers.append(
                 self._grant(self._rows[waiter.worker], waiter.lease, pick.fleet, queued=True)
             )
+        if self.queue_timeout <= 0 and self._queue and not self.paused:
+            # Queueing off: what the reserved slots coming back cannot answer
+            # is refused now, the latest asked, as `acquire` and `resume` would.
+            room = self.reserved_room()
+            if len(self._queue) > room:
+                waiters = list(self._queue)
+                self._queue = deque(waiters[:room])
+                answers += [
+                    Refused(w.worker, w.lease, QUEUE_OFF, queued=True) for w in waiters[room:]
+                ]
         return answers
 
     def expire(self, now: float) -> list[Answer]:
@@ -733,8 +779,11 @@ class HostSlots:
         kept: deque[_Waiter] = deque()
         for waiter in self._queue:
             if waiter.deadline <= now:
-                self.queue_timeouts += 1
-                reason = queue_timeout_reason(self.queue_timeout)
+                if self.queue_timeout > 0:
+                    self.queue_timeouts += 1
+                    reason = queue_timeout_reason(self.queue_timeout)
+                else:  # no queue: it waited RESERVED_WAIT for reserved slots
+                    reason = QUEUE_OFF
                 answers.append(Refused(waiter.worker, waiter.lease, reason, queued=True))
             else:
                 kept.append(waiter)

@@ -398,6 +398,9 @@ class SlotClient(asyncio.Protocol):
         asking["fleet"] = name  # counted as the host's grant on it (`HostSlots.count_granted`)
         if self._standing:
             asking["standing"] = True  # `HostSlots.grant_standing`
+            # When: a held one is read late, maybe after a probe that counted
+            # its call (`FleetState.grant_heard_late`; ignored before session 46).
+            asking["at"] = time.monotonic()
         recorded = False
         if call is not None:
             asking["call"] = call

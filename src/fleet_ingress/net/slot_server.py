@@ -1083,9 +1083,14 @@ class SlotServer:
         if op == "acquire":
             lease = field(message, "id", int)
             if message.get("budget") is True and message.get("standing") is True:
-                # Granted by the worker from its standing budget: the host's grant.
+                # Granted by the worker from its standing budget: the host's grant,
+                # made when it says ("at", monotonic: a held one is read late).
+                at = message.get("at")
                 granted = self.slots.grant_standing(
-                    channel.key, lease, field(message, "fleet", str)
+                    channel.key,
+                    lease,
+                    field(message, "fleet", str),
+                    granted_at=at if type(at) is float and math.isfinite(at) else None,
                 )
                 if isinstance(call := message.get("call"), dict):
                     self._keep_call(channel.key, lease, call, message)
@@ -1550,17 +1555,22 @@ class SlotServer:
 
     def _read_parked_calls(self, channel: _Channel) -> None:
         """A channel gone with messages parked: who its calls are is kept
-        as they say (a "logged" or "release" forgets the call, an "answered"
-        says its 101), so that no call it logged gets a second line."""
-        calls = self._calls.get(channel.key)
-        if not calls:
-            return
+        as they say (an "acquire" names a call waiting for its slot, a
+        "logged" or "release" forgets the call, an "answered" says its 101),
+        so that no call it logged gets a second line and none it asked a slot
+        for goes without one."""
         for message in channel.parked:
             op = message.get("op")
             with contextlib.suppress(TypeError, ValueError):
-                if op in ("logged", "release"):
+                if op == "acquire" and isinstance(call := message.get("call"), dict):
+                    # A call waiting for its slot: lost with its worker, it has its
+                    # line (before, only if its worker's table had a record of it).
+                    asked = int(message.get("id"))  # type: ignore[arg-type]
+                    self._keep_call(channel.key, asked, call, message)
+                elif op in ("logged", "release"):
                     self._forget_call(channel.key, int(message.get("id")))  # type: ignore[arg-type]
                 elif op == "answered":
+                    calls = self._calls.get(channel.key, {})
                     for lease, at in message.get("leases") or []:
                         if (call := calls.get(int(lease))) is not None:
                             call["status"] = 101
