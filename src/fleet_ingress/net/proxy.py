@@ -246,6 +246,7 @@ class _Side(asyncio.BufferedProtocol):
     # every later call's sides held their attributes in a dict, read on the
     # relay's hot path (tests/socketpair/test_side_attributes.py).
     __slots__ = (
+        "__weakref__",  # tests and diagnostics ask whether an ended call's sides are freed
         "_abort_timer",
         "_loop",
         "_reply_timer",
