@@ -411,14 +411,35 @@ async def wait_notified_ready(target: Target, sock: socket.socket, deadline: flo
     a full socket would block its sends."""
     assert target.proc is not None
     loop = asyncio.get_running_loop()
-    while target.proc.returncode is None and time.monotonic() < deadline:
-        try:
-            async with asyncio.timeout(min(0.5, max(0.01, deadline - time.monotonic()))):
-                if notify_ready(await loop.sock_recv(sock, 4096)):
-                    loop.add_reader(sock, _drain, sock)
-                    return
-        except TimeoutError:
-            continue
+    # Read by a reader callback, not `sock_recv` under a timeout: a timeout that
+    # fires in the turn a datagram was read cancels the task with the datagram
+    # taken off the socket and dropped, and a READY=1 lost so left the run
+    # waiting its 20 s (test_bench_steady_tiny failed so in CI, 1 run in ~6).
+    ready = loop.create_future()
+
+    def read() -> None:
+        while True:
+            try:
+                message = sock.recv(4096)
+            except OSError:  # BlockingIOError: nothing more now
+                return
+            if notify_ready(message) and not ready.done():
+                ready.set_result(None)
+
+    loop.add_reader(sock, read)
+    try:
+        while target.proc.returncode is None and time.monotonic() < deadline:
+            try:
+                async with asyncio.timeout(min(0.5, max(0.01, deadline - time.monotonic()))):
+                    await asyncio.shield(ready)
+            except TimeoutError:
+                continue
+            loop.remove_reader(sock)
+            loop.add_reader(sock, _drain, sock)
+            return
+    finally:
+        if not ready.done():
+            loop.remove_reader(sock)
     tail = target.log.read_text(errors="replace")[-2000:] if target.log else ""
     raise RuntimeError(
         f"{target.label} sent no READY=1 within {READY_TIMEOUT:g} s "
