@@ -374,6 +374,15 @@ class SlotServer:
             if not calls:
                 del self._calls[key]
 
+    def _call_answered(self, key: int, lease: int, at: float) -> None:
+        """The fleet answered lease `lease`'s call (101) at `at` (CLOCK_MONOTONIC,
+        this host's): a call lost with its worker is observed in the
+        call-duration histogram ("101 to end") from it, not from its start."""
+        call = self._calls.get(key, {}).get(lease)
+        if call is not None:
+            call["status"] = 101
+            call["answered_monotonic"] = at
+
     @property
     def queue_length(self) -> int:
         return self.slots.queue_length
@@ -1130,15 +1139,9 @@ class SlotServer:
                 answers = [(int(lease), float(at)) for lease, at in field(message, "leases", list)]
             except (TypeError, ValueError) as exc:
                 raise WireError(f"'answered' message: {exc}") from exc
-            calls = self._calls.get(channel.key, {})
             for lease, at in answers:
                 self.slots.answered(channel.key, lease, at)
-                if (call := calls.get(lease)) is not None:
-                    call["status"] = 101
-                    # Its 101's moment (CLOCK_MONOTONIC, this host's): a call
-                    # lost with its worker is observed in the call-duration
-                    # histogram ("101 to end") from it, not from its start.
-                    call["answered_monotonic"] = at
+                self._call_answered(channel.key, lease, at)
         elif op == "budget-taken":  # it has its standing budget: releases go back into it
             self.slots.standing_taken(channel.key)
         elif op == "budget-dropped":  # what was left of it is free (after its grants)
@@ -1570,11 +1573,8 @@ class SlotServer:
                 elif op in ("logged", "release"):
                     self._forget_call(channel.key, int(message.get("id")))  # type: ignore[arg-type]
                 elif op == "answered":
-                    calls = self._calls.get(channel.key, {})
                     for lease, at in message.get("leases") or []:
-                        if (call := calls.get(int(lease))) is not None:
-                            call["status"] = 101
-                            call["answered_monotonic"] = float(at)
+                        self._call_answered(channel.key, int(lease), float(at))
 
     def _unpark(self) -> None:
         """The messages parked while a lone worker's budget stood, read in
