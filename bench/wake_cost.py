@@ -494,6 +494,43 @@ def instructions_mode(args: argparse.Namespace) -> int:
     return 0
 
 
+def stored_wakes(dirs: list[Path]) -> str:
+    """Wake-ups and read/write system calls a message from stored steady and ramp runs
+    (``results.json``: ``loads.proxy_sleeps``, the voluntary context switches of the
+    proxy's processes, and ``proxy_syscalls``, /proc/PID/io's syscr + syscw; HAProxy's
+    io file is not readable to the harness: 0), by target, calls and round."""
+    lines = [
+        "| run | target | calls | round | messages | wake-ups a message | read+write a message |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in dirs:
+        data = json.loads((d / "results.json").read_text())
+        for n, rnd in enumerate(data["rounds"], 1):
+            for name, t in rnd.items():
+                if not isinstance(t, dict) or name == "direct":
+                    continue
+                levels = t.get("levels") or [t]
+                for lv in levels:
+                    loads = lv.get("loads") or {}
+                    msgs = lv.get("msgs_window") or lv.get("msgs")
+                    if not msgs or "proxy_sleeps" not in loads:
+                        continue
+                    calls = lv.get("calls") or data.get("params", {}).get("calls", "-")
+                    sleeps = loads["proxy_sleeps"] / msgs
+                    io = loads.get("proxy_syscalls", 0) / msgs
+                    row = [
+                        d.name,
+                        name,
+                        str(calls),
+                        str(n),
+                        str(msgs),
+                        f"{sleeps:.3f}",
+                        f"{io:.3f}",
+                    ]
+                    lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, nargs="+", default=[100, 300], help="levels, each round")
@@ -521,8 +558,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waves", type=int, nargs=2, default=[1, 20], help="--instructions: calls up")
     p.add_argument("--instruction-calls", type=int, default=20, help="--instructions: calls")
     p.add_argument("--messages", type=int, nargs=2, default=[10, 60], metavar=("M1", "M2"))
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--stored",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="print wake-ups a message from stored steady / ramp runs' results.json and exit",
+    )
+    p.add_argument("--out", type=Path, required="--stored" not in (argv or sys.argv))
     args = p.parse_args(argv)
+    if args.stored:
+        print(stored_wakes(args.stored))
+        return 0
     if args.instructions:
         args.out.mkdir(parents=True, exist_ok=True)
         return instructions_mode(args)

@@ -100,3 +100,15 @@ def test_table_sums_the_ingress_processes_over_haproxy() -> None:
     assert rows["system calls"][1:] == ["0.200", "3.000", "4.000", "0.800 |"]
     # A wake each 10 messages against each 5: the ingress serves 2x the messages a wake.
     assert rows["messages a wake (main thread)"][-1] == "2.000 |"
+
+
+def test_stored_runs_give_their_wake_ups_a_message() -> None:
+    """Session 46's quiet steady run, as stored: the ingress slept 0.197 times a
+    message in round 1 and made 3 reads and writes; HAProxy's io is not readable."""
+    from bench.harness.children import REPO
+
+    text = wake_cost.stored_wakes([REPO / "bench" / "results" / "steady-100-twilio-s46"])
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    ingress = next(r for r in rows if r[1] == "ingress" and r[3] == "1")
+    assert ingress[5:] == ["0.197", "3.001 |"]
+    assert {r[1] for r in rows} == {"ingress", "ingress@base", "haproxy"}
