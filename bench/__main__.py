@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--targets",
         default="direct,ingress,haproxy",
         help="comma-separated, run in this order each round: direct, ingress, haproxy, bare "
-        "(bench/bare_splice.py), bare-bio (bench/bare_bio_splice.py); default "
+        "(bench/bare_splice.py), bare-bio (bench/bare_bio_splice.py), lean "
+        "(bench/lean_call_splice.py); default "
         "direct,ingress,haproxy. Built-in variants: ingress@wN (N worker processes), "
         "haproxy@ntN (nbthread N), e.g. ingress@w1,ingress@w2,haproxy@nt1,haproxy@nt2",
     )

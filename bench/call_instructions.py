@@ -32,7 +32,11 @@ start, its stop) fall in both runs and cancel out::
 the same fleet, one process, one thread.  ``--target bare-bio`` counts the floor of
 the design the same way (``bench/bare_bio_splice.py``: the socket-BIO relay
 with no head parsing, routing, slot, retry or log; its fleet TLS
-session resumed as the ingress does: ``BARE_BIO_REUSE=1``).
+session resumed as the ingress does: ``BARE_BIO_REUSE=1``). ``--target lean``
+counts the floor of a call's work (``bench/lean_call_splice.py``: the head read,
+checked and routed by the project's own parsers, leastconn, the rewrite, the
+101 read and checked, the end counted, none of the design's machinery);
+``--target-env LEAN_HAND=1`` its hand-written head path instead.
 
 Prints instructions per call in total, OpenSSL's own against the rest (the part
 that tells two proxies' CPU apart: ``openssl_and_rest``), and by function group
@@ -58,11 +62,11 @@ from bench.harness.carrier import FramePool, Recorder, echoed_calls
 from bench.harness.children import HOST, REPO, free_port, log
 from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
 from bench.harness.targets import (
-    BARE_SPLICES,
     Settings,
     haproxy_binary,
     render_haproxy,
     render_ingress,
+    splice_argv,
 )
 from bench.harness.tlsfiles import TLSFiles
 
@@ -138,12 +142,11 @@ def count(
             unchecked = config.read_text().replace("default-server check ", "default-server ")
             config.write_text(unchecked)
             counted = [binary, "-db", "-f", str(config)]
-        elif args.target == "bare-bio":
-            # The floor of the design (no head, route, slot, log): what any call of
-            # the ingress's socket-BIO layer costs at least.
-            counted = [sys.executable, str(BARE_SPLICES["bare-bio"]), "--listen", f"{HOST}:{port}"]
-            counted += ["--cert", str(tls.server_cert), "--key", str(tls.server_key)]
-            counted += ["--ca", str(tls.ca), "--fleet", f"{HOST}:{fleet_port}"]
+        elif args.target in ("bare-bio", "lean"):
+            # bare-bio: the floor of the design (no head, route, slot, log): what any
+            # call of the ingress's socket-BIO layer costs at least. lean: that and
+            # a call's own work (head, route, leastconn, rewrite, 101), no machinery.
+            counted = splice_argv(args.target, port, tls, [fleet_port], settings.maxconn)
         else:
             config = render_ingress(settings, tls, port, [fleet_port], work)
             with_access_line(config, args.access)
@@ -267,7 +270,17 @@ def add_load_arguments(p: argparse.ArgumentParser, doing: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_load_arguments(p, "count")
-    p.add_argument("--target", choices=("ingress", "haproxy", "bare-bio"), default="ingress")
+    p.add_argument(
+        "--target", choices=("ingress", "haproxy", "bare-bio", "lean"), default="ingress"
+    )
+    p.add_argument(
+        "--target-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more environment for the counted process (a bench variant's switch, "
+        "e.g. LEAN_HAND=1 for --target lean's hand-written head path); repeat",
+    )
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")
     p.add_argument("--top", type=int, default=40)
     p.add_argument(
@@ -278,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     n1, n2 = args.calls
-    files = [count(n, args.out, args) for n in (n1, n2)]
+    target_env = dict(kv.partition("=")[::2] for kv in args.target_env)
+    files = [count(n, args.out, args, target_env=target_env) for n in (n1, n2)]
     if args.counter == "strace":
         print_syscalls(files, n1, n2, args.out)
         return 0

@@ -35,9 +35,15 @@ from .tlsfiles import TLSFiles
 
 BARE_SPLICE = Path(__file__).resolve().parents[1] / "bare_splice.py"
 # The bare relays by target: uvloop's SSL transports, or socket BIOs (net/tls_socket.py).
-BARE_SPLICES = {"bare": BARE_SPLICE, "bare-bio": BARE_SPLICE.with_name("bare_bio_splice.py")}
+# `lean`: the floor of a call's work on that layer (head, route, leastconn, rewrite, 101
+# checked), none of the design's machinery (bench/lean_call_splice.py).
+BARE_SPLICES = {
+    "bare": BARE_SPLICE,
+    "bare-bio": BARE_SPLICE.with_name("bare_bio_splice.py"),
+    "lean": BARE_SPLICE.with_name("lean_call_splice.py"),
+}
 READY_TIMEOUT = 20.0
-TARGETS = ("direct", "ingress", "ingress1p", "haproxy", "bare", "bare-bio")
+TARGETS = ("direct", "ingress", "ingress1p", "haproxy", "bare", "bare-bio", "lean")
 # fleet-ingress's Ingress in one process, no supervisor (its slot table in-process).
 ONE_PROCESS_INGRESS = Path(__file__).resolve().parent.parent / "one_process_ingress.py"
 LABELS = {
@@ -47,7 +53,22 @@ LABELS = {
     "haproxy": "HAProxy",
     "bare": "bare splice",
     "bare-bio": "bare socket-BIO splice",
+    "lean": "lean call path (bench floor)",
 }
+
+
+def splice_argv(
+    kind: str, port: int, tls: TLSFiles, fleet_ports: list[int], maxconn: int
+) -> list[str]:
+    """The command line of a bench splice (`BARE_SPLICES`) listening on `port`: the
+    bare ones take no maxconn (no balancing); `lean` takes the run's, as the ingress does."""
+    argv = [sys.executable, str(BARE_SPLICES[kind]), "--listen", f"{HOST}:{port}"]
+    argv += ["--cert", str(tls.server_cert), "--key", str(tls.server_key), "--ca", str(tls.ca)]
+    for p in fleet_ports:
+        argv += ["--fleet", f"{HOST}:{p}"]
+    if kind == "lean":
+        argv += ["--maxconn", str(maxconn)]
+    return argv
 
 
 def base(name: str) -> str:
@@ -355,10 +376,7 @@ async def start_target(
         config = render_haproxy(settings, tls, port, fleet_ports, directory)
         argv = [binary, "-db", "-f", str(config)]
     elif kind in BARE_SPLICES:
-        argv = [sys.executable, str(BARE_SPLICES[kind]), "--listen", f"{HOST}:{port}"]
-        argv += ["--cert", str(tls.server_cert), "--key", str(tls.server_key), "--ca", str(tls.ca)]
-        for p in fleet_ports:
-            argv += ["--fleet", f"{HOST}:{p}"]
+        argv = splice_argv(kind, port, tls, fleet_ports, settings.maxconn)
     else:
         raise ValueError(name)
     log = directory / "stderr.log"

@@ -541,6 +541,20 @@ def test_pinned_variants_render_a_cpu_per_worker_or_thread(tmp_path: Path) -> No
     assert f"    cpu-map 1/2 {cpus[1 % len(cpus)]}\n" in text
 
 
+def test_splice_command_lines_give_maxconn_to_the_lean_floor_alone(tmp_path: Path) -> None:
+    tls = TLSFiles.at(tmp_path)
+    lean = targets.splice_argv("lean", 4000, tls, [4001, 4002], 7)
+    assert Path(lean[1]).name == "lean_call_splice.py" and Path(lean[1]).exists()
+    assert lean[2:] == [
+        "--listen", "127.0.0.1:4000", "--cert", str(tls.server_cert), "--key",
+        str(tls.server_key), "--ca", str(tls.ca), "--fleet", "127.0.0.1:4001",
+        "--fleet", "127.0.0.1:4002", "--maxconn", "7",
+    ]  # fmt: skip
+    bare = targets.splice_argv("bare-bio", 4000, tls, [4001], 7)
+    assert Path(bare[1]).name == "bare_bio_splice.py" and "--maxconn" not in bare
+    check_targets(["lean", "lean@hand"], {"hand": {"LEAN_HAND": "1"}})
+
+
 def test_variant_options_parse() -> None:
     assert parse_variants(["a:K=1", "a:L={repo}/x", "b:K=2=3"]) == {
         "a": {"K": "1", "L": f"{REPO}/x"},
