@@ -238,7 +238,8 @@ class HostSlots:
         in stats) until `release_kept`. A row with nothing held just goes.
         `live`: what its call table says it has live now, lease -> fleet name
         (`keep_held` only): the calls of a lone budget it never told are
-        those, not the budget's whole rest."""
+        those; the budget's rest stays reserved until `settle_lost` reads the
+        table again (the worker may grant from it until it reads the end)."""
         row = self._rows.get(worker)
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
@@ -246,33 +247,25 @@ class HostSlots:
         # Its standing budget ends with its channel (the worker's ends there too).
         # A lone one's grants are held by its worker (`slot_client`): its process
         # running on, it may have granted from it calls this table never heard
-        # of, so what was left of it is kept counted as its calls until it
-        # exits. Its call table (`live`) names them: those live there and not
-        # held here. Without one (none made, or unreadable), what was left of
-        # the budget is counted instead (an upper bound, as `count_budget`'s:
-        # maxconn holds, but a fleet may read full until the worker exits).
-        unheard: dict[int, FleetState] = {}
-        if keep_held and row.standing is not None and row.standing_lone:
-            if live is not None:
-                unheard = {
-                    lease: row.standing_fleets[name]
-                    for lease, name in live.items()
-                    if lease not in row.held and name in row.standing_fleets
-                }
-            else:
-                below = min(row.held, default=0)
-                start = below if below < 0 else 0  # under any negative id `reserve` used
-                rest = [
-                    row.standing_fleets[name]
-                    for name, n in row.standing.slots().items()
-                    for _ in range(n)
-                ]
-                unheard = {start - i: fleet for i, fleet in enumerate(rest, 1)}
-        self._unreserve(row)
-        for lease, fleet in unheard.items():
-            fleet.active += 1
-            row.held[lease] = fleet
-        if keep_held and row.held:
+        # of, and may grant more until it reads the channel's end (a worker
+        # SIGSTOPped, resumed: its accepts and the end in one turn). Its call
+        # table (`live`) names those granted so far: counted as its calls; the
+        # rest stays reserved (`settle_lost` reads the table again once the
+        # worker has run past the end, or `release_kept` once it exited).
+        # Freed at once (session 46), a replacement's budget took those slots
+        # while the cut worker still granted from them: maxconn passed.
+        # Without a table (none made, or unreadable), what was left of the
+        # budget is counted as its calls instead (an upper bound, as
+        # `count_budget`'s: maxconn holds, but a fleet may read full until the
+        # worker exits).
+        lone_rest = keep_held and row.standing is not None and row.standing_lone
+        if lone_rest and live is not None:
+            self._count_unheard(row, live)
+        else:
+            if lone_rest:
+                self._count_rest(row)
+            self._unreserve(row)
+        if keep_held and (row.held or row.standing is not None):
             row.channel_lost = True
             for lease, fleet in row.held.items():
                 fleet.lease_ended((worker, lease))  # it can no longer say: not in flight
@@ -280,15 +273,70 @@ class HostSlots:
         del self._rows[worker]
         return row, self._reclaim(row)
 
+    def settle_lost(
+        self, worker: WorkerKey, live: Mapping[int, str] | None
+    ) -> tuple[WorkerRow | None, list[Answer]]:
+        """The worker whose channel was lost (`leave(keep_held=True)`) runs on
+        past it (LOST_CHANNEL_CONFIRM) and so has read its end: it grants
+        nothing more from its lone budget. The calls its call table has live
+        now (`live`, read again: lease -> fleet name) and this table does not
+        hold are counted as its calls, and the rest of the budget is free.
+        `live` None (no table, or unreadable): the rest is counted as its calls
+        until it exits. Returns its row (None: nothing was reserved for it) and
+        the grants the slots freed make possible."""
+        row = self._rows.get(worker)
+        if row is None or not row.channel_lost or row.standing is None:
+            return None, []
+        if live is not None:
+            self._count_unheard(row, live)
+        else:
+            self._count_rest(row)
+        self._unreserve(row)
+        if not row.held:
+            del self._rows[worker]
+        return row, self.wake()
+
+    def _count_unheard(self, row: WorkerRow, live: Mapping[int, str]) -> None:
+        """The calls `row`'s worker granted from its standing budget and never
+        told, as its call table names them (`live`: those live there and not
+        held here): counted as a grant is, opened on their fleet (the capacity
+        estimate counts them since its probe), their slots out of the reserve."""
+        assert row.standing is not None
+        for lease, name in live.items():
+            fleet = row.standing_fleets.get(name)
+            if lease in row.held or fleet is None:
+                continue
+            if row.standing.take_named(name):
+                fleet.standing -= 1
+            # Its worker can no longer say when its fleet answers: not in flight.
+            self.balancer.open(fleet)
+            row.held[lease] = fleet
+            row.granted_total += 1
+
+    def _count_rest(self, row: WorkerRow) -> None:
+        """What is left of `row`'s standing budget counted as its calls, under
+        negative ids (an upper bound of what it granted and never told)."""
+        assert row.standing is not None
+        below = min(row.held, default=0)
+        start = below if below < 0 else 0  # under any negative id `reserve` used
+        rest = [
+            row.standing_fleets[name] for name, n in row.standing.slots().items() for _ in range(n)
+        ]
+        for i, fleet in enumerate(rest, 1):
+            fleet.active += 1
+            row.held[start - i] = fleet
+
     def release_kept(self, worker: WorkerKey) -> tuple[WorkerRow | None, list[Answer]]:
         """The process of a worker whose channel was lost has exited: what
         `leave(..., keep_held=True)` kept comes back (counted reclaimed: its
-        calls ended with it or before). (None, []) if nothing is kept for it:
-        a worker whose channel is open is not touched."""
+        calls ended with it or before), and the rest of a lone budget still
+        reserved for it. (None, []) if nothing is kept for it: a worker whose
+        channel is open is not touched."""
         row = self._rows.get(worker)
         if row is None or not row.channel_lost:
             return None, []
         del self._rows[worker]
+        self._unreserve(row)
         return row, self._reclaim(row)
 
     def _reclaim(self, row: WorkerRow) -> list[Answer]:

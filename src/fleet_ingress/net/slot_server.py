@@ -31,7 +31,9 @@ restored, a worker that says "lone" is given every free slot as a standing
 budget, its grants and its releases into it riding its next write. A second
 worker, an exec, a restore, a queue or a pause takes it back; the other
 workers' messages are parked (`_handle`) until it is dropped ("budget-dropped",
-after every grant made from it), so no other grant counts a slot it holds.
+after every grant made from it), so no other grant counts a slot it holds. A
+lone worker's channel that ends while its process runs keeps the budget's
+rest reserved until `settle_lost` (it may grant until it reads the end).
 
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
@@ -1416,6 +1418,9 @@ class SlotServer:
                     generation=row.generation,
                     slots_kept=row.calls,
                     fleets=_by_fleet(row),
+                    # A lone budget's rest, reserved until it is known that
+                    # the worker grants no more from it (`settle_lost`).
+                    slots_reserved=len(self.slots.standing_left(channel.key)),
                 ),
             )
         elif row is not None:
@@ -1461,6 +1466,35 @@ class SlotServer:
             return False
         channel.transport.close()
         return True
+
+    def settle_lost(self, key: int) -> WorkerRow | None:
+        """The worker whose channel `key` ended runs on past the end
+        (LOST_CHANNEL_CONFIRM, the supervisor's `_channel_lost`): it has read
+        the end and grants nothing more from a lone budget. Its call table is
+        read again (`live_calls`): the calls it granted from the budget since
+        the channel ended are counted as its calls, the rest of the budget is
+        free (`HostSlots.settle_lost`). Its row (None: nothing was reserved)."""
+        row = self.slots.get(key)
+        if row is None or not row.channel_lost or row.standing is None:
+            return None
+        live = self.live_calls(key) if self.live_calls is not None else None
+        before = row.calls
+        row, answers = self.slots.settle_lost(key, live)
+        if row is not None:
+            log.info(
+                "lost channel's lone budget settled: the calls its worker granted "
+                "since are counted, the rest is free",
+                extra=fields(
+                    channel=key,
+                    pid=row.pid,
+                    generation=row.generation,
+                    calls_found=row.calls - before,
+                    slots_kept=row.calls,
+                    fleets=_by_fleet(row),
+                ),
+            )
+        self._send(answers)
+        return row
 
     def release_kept(self, key: int) -> WorkerRow | None:
         """The process of a worker whose channel ended while it ran has exited:
