@@ -2116,3 +2116,59 @@ async def test_a_lone_worker_cut_from_its_channel_grants_nothing_uncounted_befor
         assert row.calls == len(_live_on_table(fd)) and row.standing is None
     finally:
         os.close(fd)
+
+
+async def test_a_hung_lone_worker_gives_back_the_slots_it_has_not_used_after_lone_end_wait(
+    asked_host, monkeypatch
+):
+    """A second worker joins (an upgrade's new generation) while the lone
+    worker is hung (it reads nothing): LONE_END_WAIT after "budget-end", the
+    slots it has not used (given, less what it told it granted and what its
+    call table has live) are taken back, and the second worker's calls are
+    granted; what it has live stays counted or reserved, so maxconn holds.
+    Unstuck, it grants nothing from the budget it no longer has (it reads
+    "budget-end" first) and drops it. On main every slot stayed reserved
+    until it answered (or was killed as hung, a minute): the second worker's
+    call waited (here: refused at its 2 s queue timeout)."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 0.3)
+    h = asked_host(maxconn=2, queue_timeout=2.0, lone=True)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = _with_table(w1, 8)
+    h.server.live_calls = lambda k: _live_on_table(fd) if k == key else None
+    try:
+        await _lone_budget_taken(h, w1)
+        told = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        assert await h.server.collect_reports(2.0) == 0  # its acquire read: told
+        held = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})  # held, in the table
+        assert w1._transport is not None
+        w1._transport.pause_reading()  # hung: reads nothing
+        w1._cancel_flush()  # and writes nothing
+        w2 = await h.worker(generation=2)
+        granted = [
+            await asyncio.wait_for(w2.lease(), 3),
+            await asyncio.wait_for(w2.lease(), 3),
+        ]
+        assert {g.fleet.name for g in granted} <= {"a", "b"}
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+        # w1's two calls (one told, one held) and w2's two: every slot; a third waits.
+        third = asyncio.ensure_future(w2.lease())
+        await asyncio.sleep(0.1)
+        assert not third.done()
+        # Unstuck: it reads "budget-end" before any grant from the budget, so
+        # its next call is asked of the supervisor and waits behind w2's.
+        w1._transport.resume_reading()
+        late = asyncio.ensure_future(w1.lease(call={"call_id": 3, "bot_id": "bot-3"}))
+        await eventually(lambda: h.slots.get(key).standing is None and h.slots.queue_length == 2)
+        assert w1._budget is None and h.slots.grants_past_cut_total == 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+        held.release()
+        assert (await asyncio.wait_for(third, 3)).queued_s > 0
+        told.release()
+        assert (await asyncio.wait_for(late, 3)).queued_s > 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+    finally:
+        os.close(fd)

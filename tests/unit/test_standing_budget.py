@@ -481,6 +481,51 @@ def test_a_lost_lone_channel_without_a_table_counts_the_budgets_rest_until_its_w
     assert a.active == 0
 
 
+def test_a_lone_budget_not_dropped_in_time_gives_back_what_its_worker_has_not_used() -> None:
+    """`take_back_unused` (LONE_END_WAIT after "budget-end"): of a lone
+    budget, what its worker told it granted is out of it already, what its
+    call table has live and this table does not hold stays reserved (its
+    "acquire" held), the rest is free for the queue. A grant told after,
+    beyond what is left, is counted all the same (past maxconn), not a
+    protocol break. Without a table read nothing is taken back. On main the
+    method does not exist: every slot stayed reserved until the worker
+    answered or was killed as hung (a minute)."""
+    slots = _table("https://a.test name=a maxconn=4\nhttps://b.test name=b maxconn=2\n")
+    a, b = _fleet(slots, "a"), _fleet(slots, "b")
+    a.health = b.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 4, "b": 2}, lone=True)
+    slots.standing_taken("w1")
+    slots.grant_standing("w1", 1, "a")  # told
+    slots.join("w2", pid=2, generation=2)
+    assert slots.end_standing(fleets_changed=False, lone=None) == ["w1"]
+    assert slots.acquire("w2", 1, [], 0.0) is None  # every slot reserved or held: waits
+    assert slots.take_back_unused("w1", None) == ({}, [])  # no table read: kept
+    # Its table: the told call, one granted on b and held, one ended (not there).
+    taken, answers = slots.take_back_unused("w1", {1: "a", 2: "b"})
+    assert taken == {"a": 3, "b": 1}
+    # Leastconn: b has no call (its reserved slot is not one).
+    assert [(g.worker, g.lease, g.fleet.name) for g in answers] == [("w2", 1, "b")]
+    assert (a.standing, b.standing) == (0, 1)
+    for f in (a, b):
+        assert f.active + f.standing <= f.maxconn
+    slots.grant_standing("w1", 2, "b")  # the held one, told: out of what is left
+    assert (b.active, b.standing, slots.grants_past_cut_total) == (2, 0, 0)
+    slots.grant_standing("w1", 3, "a")  # granted before it read "budget-end", told late
+    assert slots.grants_past_cut_total == 1 and slots.row("w1").calls == 3
+    slots.drop_standing("w1")
+    assert (a.standing, b.standing) == (0, 0) and not slots.row("w1").standing_cut
+    with pytest.raises(SlotProtocolError):
+        slots.grant_standing("w1", 4, "a")  # no budget at all: still a protocol break
+
+
+def test_a_budget_cut_keeps_at_most_what_is_named_and_still_takes_slots_given_back() -> None:
+    budget = Budget([BudgetFleet("a", 3, 0, most=3), BudgetFleet("b", 1, 0, most=1)])
+    assert budget.cut({"a": 1, "c": 5}) == {"a": 2, "b": 1}
+    assert budget.slots() == {"a": 1, "b": 0}
+    assert budget.give_back("b") and budget.slots() == {"a": 1, "b": 1}
+
+
 def test_with_queueing_off_a_call_waits_for_reserved_slots_and_only_for_them() -> None:
     """Queueing off: a call that finds no room but slots reserved for a
     standing budget waits for them (a call waiting takes budgets back at

@@ -148,6 +148,11 @@ class WorkerRow:
     # Its standing budget is a lone worker's (session 46): every free slot,
     # given while it is the only worker, taken back as that ends (`end_standing`).
     standing_lone: bool = False
+    # Its standing budget was not dropped in time (a lone one, LONE_END_WAIT
+    # after "budget-end"): the slots it had not used were taken back
+    # (`take_back_unused`); a grant it tells later from beyond what is left
+    # is counted all the same (`grant_standing`).
+    standing_cut: bool = False
 
     @property
     def unresponsive(self) -> bool:
@@ -203,6 +208,11 @@ class HostSlots:
         self.fall = fall
         self.queue_timeouts = 0  # count, for metrics
         self.reclaimed_total = 0  # slots taken back from workers that were gone
+        # Calls a worker told it granted from a standing budget whose unused
+        # slots had been taken back (`take_back_unused`), beyond what was left:
+        # counted past maxconn. Expected 0 (`slot_client` reads the channel
+        # before it grants from a lone budget).
+        self.grants_past_cut_total = 0
         self._rows: dict[WorkerKey, WorkerRow] = {}
         self._queue: deque[_Waiter] = deque()
         # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
@@ -684,6 +694,12 @@ class HostSlots:
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
         fleet = row.standing_fleets.get(name)
         if row.standing is None or fleet is None or not row.standing.take_named(name):
+            if row.standing_cut and fleet is not None:
+                # Granted before its worker read "budget-end", told after its
+                # unused slots were taken back: the call exists, counted past
+                # maxconn for as long as it lasts rather than not at all.
+                self.grants_past_cut_total += 1
+                return self._grant(row, lease, fleet)
             raise SlotProtocolError(
                 f"worker {worker!r} granted lease {lease} on fleet {name!r} from a "
                 "standing budget it does not have there"
@@ -751,6 +767,32 @@ class HostSlots:
         self._unreserve(row)
         return self.wake()
 
+    def take_back_unused(
+        self, worker: WorkerKey, live: Mapping[int, str] | None
+    ) -> tuple[dict[str, int], list[Answer]]:
+        """`worker` was told "budget-end" and has not dropped its standing
+        budget in time (a lone worker hung or stopped, LONE_END_WAIT): the
+        slots it has not used are taken back, so that other workers' calls
+        are served. Used: what it told it granted (out of the budget already)
+        and what its call table (`live`, lease -> fleet name) has live that
+        this table does not hold (granted, its "acquire" held): those stay
+        reserved until it tells them or drops the budget. `live` None (no
+        table, or unreadable): nothing is taken back (its held grants are not
+        known). Returns the slots taken back by fleet, and the grants they
+        make possible."""
+        row = self._rows.get(worker)
+        if row is None or row.standing is None or not row.standing_ending or live is None:
+            return {}, []
+        used: dict[str, int] = {}
+        for lease, name in live.items():
+            if lease not in row.held and name in row.standing_fleets:
+                used[name] = used.get(name, 0) + 1
+        taken = row.standing.cut(used)
+        for name, n in taken.items():
+            row.standing_fleets[name].standing -= n
+        row.standing_cut = True
+        return taken, self.wake()
+
     def standing_left(self, worker: WorkerKey) -> list[str]:
         """Of `worker`'s standing budget, what is left, a fleet name a slot:
         carried over an exec on top of what it holds (it may grant from it
@@ -768,6 +810,7 @@ class HostSlots:
         row.standing_fleets = {}
         row.standing_specs = {}
         row.standing_taken = row.standing_ending = row.standing_lone = False
+        row.standing_cut = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
         """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""
