@@ -2025,3 +2025,150 @@ async def test_a_lone_worker_that_does_not_drop_its_budget_holds_the_others_a_se
     w1._transport.resume_reading()
     granted = await asyncio.wait_for(asked, 5)
     assert granted.queued_s > 0
+
+
+def _live_on_table(fd: int) -> dict[int, str]:
+    """What the supervisor's `WorkerPool._live_on_table` reads: the calls the
+    table has live and granted, lease -> fleet name."""
+    from fleet_ingress.core.call_table import LIVE
+    from fleet_ingress.net.call_table_map import read_table_fd
+
+    return {
+        lease: call["fleet"]
+        for lease, (state, call) in read_table_fd(fd).items()
+        if state == LIVE and call.get("fleet") is not None
+    }
+
+
+def _lease_at_once(client: SlotClient, n: int):
+    """`client.lease()` run to its end in this very step if it can be (a grant
+    from its budget, nothing to wait for), as a worker running on another core
+    would grant while the supervisor acts; None if it would wait."""
+    coro = client.lease(call={"call_id": n, "bot_id": f"bot-{n}"})
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    return None
+
+
+async def test_a_lone_worker_cut_from_its_channel_grants_nothing_uncounted_before_it_reads_the_end(
+    asked_host,
+):
+    """The lone worker's channel ends while its process runs on (cut here;
+    `keeps_slots` says it runs): the supervisor reads its call table as the
+    channel ends, but the worker may grant from its budget until it reads the
+    end (a worker SIGSTOPped then resumed gets its accepts and the end in one
+    turn; here it grants as the supervisor reads the table, and once more with
+    its reading stopped). Every call it has live is counted, or its slot
+    reserved, before another worker's budget can take it: the rest of the
+    budget stays reserved until `settle_lost` (the supervisor's
+    LOST_CHANNEL_CONFIRM) reads the table again, and the worker grants nothing
+    from its budget once the end waits unread. On main the rest was freed at
+    once and the worker granted from it: the replacement's lone budget and the
+    cut worker's calls passed maxconn (6 on 4 slots)."""
+    h = asked_host(maxconn=2, lone=True)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = _with_table(w1, 8)
+    raced: list[object] = []
+
+    def live(k: int) -> dict[int, str] | None:
+        if k != key:
+            return None
+        calls = _live_on_table(fd)
+        if not raced:  # granted on its own core just after the supervisor read
+            raced.append(_lease_at_once(w1, 2))
+        return calls
+
+    h.server.keeps_slots = lambda k, pid: k == key
+    h.server.live_calls = live
+    try:
+        await _lone_budget_taken(h, w1)
+        told = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})  # held
+        assert told.held
+        assert w1._transport is not None
+        w1._transport.pause_reading()  # stopped: the end waits unread
+        assert h.server.cut(key)
+        await eventually(lambda: raced)
+        assert raced[0] is not None  # the end not seen yet: granted from the budget
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(NoFleetAvailable):
+            await asyncio.wait_for(w1.lease(call={"call_id": 3, "bot_id": "bot-3"}), 3)
+        w2 = await h.worker(generation=2)
+
+        def over() -> int:
+            """Calls live on w1 and slots w2 may grant, past the host's maxconn."""
+            w2_row = next(r for r in h.slots.workers if r.pid == w2.pid)
+            w2_may = 0 if w2_row.standing is None else w2_row.standing.left
+            return len(_live_on_table(fd)) + w2_may + w2_row.calls - 4
+
+        await asyncio.sleep(0.05)
+        assert over() <= 0
+        h.server.settle_lost(key)  # LOST_CHANNEL_CONFIRM later, the worker runs on
+        await asyncio.sleep(0.05)
+        assert over() <= 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+        row = h.slots.get(key)
+        assert row is not None and row.channel_lost
+        assert row.calls == len(_live_on_table(fd)) and row.standing is None
+    finally:
+        os.close(fd)
+
+
+async def test_a_hung_lone_worker_gives_back_the_slots_it_has_not_used_after_lone_end_wait(
+    asked_host, monkeypatch
+):
+    """A second worker joins (an upgrade's new generation) while the lone
+    worker is hung (it reads nothing): LONE_END_WAIT after "budget-end", the
+    slots it has not used (given, less what it told it granted and what its
+    call table has live) are taken back, and the second worker's calls are
+    granted; what it has live stays counted or reserved, so maxconn holds.
+    Unstuck, it grants nothing from the budget it no longer has (it reads
+    "budget-end" first) and drops it. On main every slot stayed reserved
+    until it answered (or was killed as hung, a minute): the second worker's
+    call waited (here: refused at its 2 s queue timeout)."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 0.3)
+    h = asked_host(maxconn=2, queue_timeout=2.0, lone=True)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = _with_table(w1, 8)
+    h.server.live_calls = lambda k: _live_on_table(fd) if k == key else None
+    try:
+        await _lone_budget_taken(h, w1)
+        told = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        assert await h.server.collect_reports(2.0) == 0  # its acquire read: told
+        held = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})  # held, in the table
+        assert w1._transport is not None
+        w1._transport.pause_reading()  # hung: reads nothing
+        w1._cancel_flush()  # and writes nothing
+        w2 = await h.worker(generation=2)
+        granted = [
+            await asyncio.wait_for(w2.lease(), 3),
+            await asyncio.wait_for(w2.lease(), 3),
+        ]
+        assert {g.fleet.name for g in granted} <= {"a", "b"}
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+        # w1's two calls (one told, one held) and w2's two: every slot; a third waits.
+        third = asyncio.ensure_future(w2.lease())
+        await asyncio.sleep(0.1)
+        assert not third.done()
+        # Unstuck: it reads "budget-end" before any grant from the budget, so
+        # its next call is asked of the supervisor and waits behind w2's.
+        w1._transport.resume_reading()
+        late = asyncio.ensure_future(w1.lease(call={"call_id": 3, "bot_id": "bot-3"}))
+        await eventually(lambda: h.slots.get(key).standing is None and h.slots.queue_length == 2)
+        assert w1._budget is None and h.slots.grants_past_cut_total == 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+        held.release()
+        assert (await asyncio.wait_for(third, 3)).queued_s > 0
+        told.release()
+        assert (await asyncio.wait_for(late, 3)).queued_s > 0
+        for f in h.slots.balancer.fleets:
+            assert f.active + f.standing <= f.maxconn
+    finally:
+        os.close(fd)

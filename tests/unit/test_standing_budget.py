@@ -402,13 +402,16 @@ def test_a_lone_worker_whose_channel_is_lost_keeps_its_budgets_rest_counted_as_c
     assert [(g.worker, g.lease) for g in answers] == [("w2", 1)] and a.active == 1
 
 
-def test_a_lone_worker_whose_channel_is_lost_counts_what_its_call_table_has_live() -> None:
+def test_a_lost_lone_channels_rest_stays_reserved_until_its_table_is_read_again() -> None:
     """With its call table read as the channel ends (`live`, lease -> fleet),
-    the calls it granted from its lone budget and never told are exactly
-    those live there and not held here: the budget's rest comes back at once.
-    Counted as the whole rest instead, a worker cut from its channel held
-    every slot of its fleets until it exited (timeouts.drain + 5 s: the
-    replacement's calls queued and got 503 meanwhile)."""
+    the calls it granted from its lone budget and never told are those live
+    there and not held here: counted as its calls. The budget's rest stays
+    reserved (it may grant from it until it reads the end: a worker
+    SIGSTOPped, resumed, gets its accepts and the end in one turn) until
+    `settle_lost` reads the table again once it has run past the end: what
+    it granted meanwhile is counted, the rest is free. Freed at once (main),
+    a replacement's budget took those slots while the cut worker granted
+    from them: maxconn passed (here: 5 calls on a fleet of 4)."""
     slots = _table("https://a.test name=a maxconn=4\nhttps://b.test name=b maxconn=4\n")
     a, b = _fleet(slots, "a"), _fleet(slots, "b")
     a.health = b.health = Health.UP
@@ -421,11 +424,106 @@ def test_a_lone_worker_whose_channel_is_lost_counts_what_its_call_table_has_live
     live = {1: told.name, 7: "a", 8: "b"}
     row, answers = slots.leave("w1", keep_held=True, live=live)
     assert row is not None and row.channel_lost and answers == []
-    assert (a.active + b.active, a.standing + b.standing, row.calls) == (3, 0, 3)
+    assert (a.active + b.active, a.standing + b.standing, row.calls) == (3, 5, 3)
     slots.join("w2", pid=2, generation=1)
-    assert isinstance(slots.acquire("w2", 1, [], 0.0), Granted)  # room at once
+    asked = [slots.acquire("w2", n, [], 0.0) for n in (1, 2, 3, 4, 5, 6)]
+    assert sum(isinstance(g, Granted) for g in asked) == 0  # every slot counted or reserved
+    assert slots.queue_length == 6
+    # It granted two more on a before it read the end (one ended since).
+    row, answers = slots.settle_lost("w1", {**live, 9: "a", 10: "a"})
+    assert row is not None and row.calls == 5
+    assert (a.standing, b.standing) == (0, 0)
+    assert len(answers) == 3 and all(isinstance(g, Granted) for g in answers)
+    assert a.active <= a.maxconn and b.active <= b.maxconn
+    assert a.active + b.active == 8 and slots.queue_length == 3
+    assert slots.settle_lost("w1", {}) == (None, [])  # once
     row, answers = slots.release_kept("w1")
-    assert a.active + b.active == 1
+    assert row is not None and len(answers) == 3 and a.active + b.active == 6
+
+
+def test_calls_a_lost_worker_never_told_count_as_opened_as_a_grant_does() -> None:
+    """A call of a lone budget found in its worker's call table (`leave`'s or
+    `settle_lost`'s `live`) is counted as the supervisor's grant of it would
+    be: in its fleet's calls opened since its probe (the capacity estimate)
+    and the worker's grants. On main it was only added to `active`: the
+    estimate read one high for each until the next probe."""
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 4}, lone=True)
+    opened = a.opened_total
+    row, _ = slots.leave("w1", keep_held=True, live={7: "a"})
+    assert row is not None
+    assert (a.active, a.opened_total - opened, row.granted_total) == (1, 1, 1)
+    row, _ = slots.settle_lost("w1", {7: "a", 8: "a"})
+    assert row is not None
+    assert (a.active, a.opened_total - opened, row.granted_total) == (2, 2, 2)
+    assert a.standing == 0
+
+
+def test_a_lost_lone_channel_without_a_table_counts_the_budgets_rest_until_its_worker_exits() -> (
+    None
+):
+    """No call table to read (`live` None): the rest is counted as its calls,
+    at the end or once settled, until `release_kept`."""
+    slots = _table("https://a.test name=a maxconn=4\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 4}, lone=True)
+    row, _ = slots.leave("w1", keep_held=True, live={})
+    assert row is not None and a.standing == 4 and a.active == 0
+    row, answers = slots.settle_lost("w1", None)
+    assert row is not None and answers == []
+    assert (a.active, a.standing, row.calls) == (4, 0, 4)
+    row, _ = slots.release_kept("w1")
+    assert a.active == 0
+
+
+def test_a_lone_budget_not_dropped_in_time_gives_back_what_its_worker_has_not_used() -> None:
+    """`take_back_unused` (LONE_END_WAIT after "budget-end"): of a lone
+    budget, what its worker told it granted is out of it already, what its
+    call table has live and this table does not hold stays reserved (its
+    "acquire" held), the rest is free for the queue. A grant told after,
+    beyond what is left, is counted all the same (past maxconn), not a
+    protocol break. Without a table read nothing is taken back. On main the
+    method does not exist: every slot stayed reserved until the worker
+    answered or was killed as hung (a minute)."""
+    slots = _table("https://a.test name=a maxconn=4\nhttps://b.test name=b maxconn=2\n")
+    a, b = _fleet(slots, "a"), _fleet(slots, "b")
+    a.health = b.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.give_standing("w1", {"a": 4, "b": 2}, lone=True)
+    slots.standing_taken("w1")
+    slots.grant_standing("w1", 1, "a")  # told
+    slots.join("w2", pid=2, generation=2)
+    assert slots.end_standing(fleets_changed=False, lone=None) == ["w1"]
+    assert slots.acquire("w2", 1, [], 0.0) is None  # every slot reserved or held: waits
+    assert slots.take_back_unused("w1", None) == ({}, [])  # no table read: kept
+    # Its table: the told call, one granted on b and held, one ended (not there).
+    taken, answers = slots.take_back_unused("w1", {1: "a", 2: "b"})
+    assert taken == {"a": 3, "b": 1}
+    # Leastconn: b has no call (its reserved slot is not one).
+    assert [(g.worker, g.lease, g.fleet.name) for g in answers] == [("w2", 1, "b")]
+    assert (a.standing, b.standing) == (0, 1)
+    for f in (a, b):
+        assert f.active + f.standing <= f.maxconn
+    slots.grant_standing("w1", 2, "b")  # the held one, told: out of what is left
+    assert (b.active, b.standing, slots.grants_past_cut_total) == (2, 0, 0)
+    slots.grant_standing("w1", 3, "a")  # granted before it read "budget-end", told late
+    assert slots.grants_past_cut_total == 1 and slots.row("w1").calls == 3
+    slots.drop_standing("w1")
+    assert (a.standing, b.standing) == (0, 0) and not slots.row("w1").standing_cut
+    with pytest.raises(SlotProtocolError):
+        slots.grant_standing("w1", 4, "a")  # no budget at all: still a protocol break
+
+
+def test_a_budget_cut_keeps_at_most_what_is_named_and_still_takes_slots_given_back() -> None:
+    budget = Budget([BudgetFleet("a", 3, 0, most=3), BudgetFleet("b", 1, 0, most=1)])
+    assert budget.cut({"a": 1, "c": 5}) == {"a": 2, "b": 1}
+    assert budget.slots() == {"a": 1, "b": 0}
+    assert budget.give_back("b") and budget.slots() == {"a": 1, "b": 1}
 
 
 def test_with_queueing_off_a_call_waits_for_reserved_slots_and_only_for_them() -> None:

@@ -148,6 +148,11 @@ class WorkerRow:
     # Its standing budget is a lone worker's (session 46): every free slot,
     # given while it is the only worker, taken back as that ends (`end_standing`).
     standing_lone: bool = False
+    # Its standing budget was not dropped in time (a lone one, LONE_END_WAIT
+    # after "budget-end"): the slots it had not used were taken back
+    # (`take_back_unused`); a grant it tells later from beyond what is left
+    # is counted all the same (`grant_standing`).
+    standing_cut: bool = False
 
     @property
     def unresponsive(self) -> bool:
@@ -203,6 +208,11 @@ class HostSlots:
         self.fall = fall
         self.queue_timeouts = 0  # count, for metrics
         self.reclaimed_total = 0  # slots taken back from workers that were gone
+        # Calls a worker told it granted from a standing budget whose unused
+        # slots had been taken back (`take_back_unused`), beyond what was left:
+        # counted past maxconn. Expected 0 (`slot_client` reads the channel
+        # before it grants from a lone budget).
+        self.grants_past_cut_total = 0
         self._rows: dict[WorkerKey, WorkerRow] = {}
         self._queue: deque[_Waiter] = deque()
         # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
@@ -238,7 +248,8 @@ class HostSlots:
         in stats) until `release_kept`. A row with nothing held just goes.
         `live`: what its call table says it has live now, lease -> fleet name
         (`keep_held` only): the calls of a lone budget it never told are
-        those, not the budget's whole rest."""
+        those; the budget's rest stays reserved until `settle_lost` reads the
+        table again (the worker may grant from it until it reads the end)."""
         row = self._rows.get(worker)
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
@@ -246,33 +257,25 @@ class HostSlots:
         # Its standing budget ends with its channel (the worker's ends there too).
         # A lone one's grants are held by its worker (`slot_client`): its process
         # running on, it may have granted from it calls this table never heard
-        # of, so what was left of it is kept counted as its calls until it
-        # exits. Its call table (`live`) names them: those live there and not
-        # held here. Without one (none made, or unreadable), what was left of
-        # the budget is counted instead (an upper bound, as `count_budget`'s:
-        # maxconn holds, but a fleet may read full until the worker exits).
-        unheard: dict[int, FleetState] = {}
-        if keep_held and row.standing is not None and row.standing_lone:
-            if live is not None:
-                unheard = {
-                    lease: row.standing_fleets[name]
-                    for lease, name in live.items()
-                    if lease not in row.held and name in row.standing_fleets
-                }
-            else:
-                below = min(row.held, default=0)
-                start = below if below < 0 else 0  # under any negative id `reserve` used
-                rest = [
-                    row.standing_fleets[name]
-                    for name, n in row.standing.slots().items()
-                    for _ in range(n)
-                ]
-                unheard = {start - i: fleet for i, fleet in enumerate(rest, 1)}
-        self._unreserve(row)
-        for lease, fleet in unheard.items():
-            fleet.active += 1
-            row.held[lease] = fleet
-        if keep_held and row.held:
+        # of, and may grant more until it reads the channel's end (a worker
+        # SIGSTOPped, resumed: its accepts and the end in one turn). Its call
+        # table (`live`) names those granted so far: counted as its calls; the
+        # rest stays reserved (`settle_lost` reads the table again once the
+        # worker has run past the end, or `release_kept` once it exited).
+        # Freed at once (session 46), a replacement's budget took those slots
+        # while the cut worker still granted from them: maxconn passed.
+        # Without a table (none made, or unreadable), what was left of the
+        # budget is counted as its calls instead (an upper bound, as
+        # `count_budget`'s: maxconn holds, but a fleet may read full until the
+        # worker exits).
+        lone_rest = keep_held and row.standing is not None and row.standing_lone
+        if lone_rest and live is not None:
+            self._count_unheard(row, live)
+        else:
+            if lone_rest:
+                self._count_rest(row)
+            self._unreserve(row)
+        if keep_held and (row.held or row.standing is not None):
             row.channel_lost = True
             for lease, fleet in row.held.items():
                 fleet.lease_ended((worker, lease))  # it can no longer say: not in flight
@@ -280,15 +283,70 @@ class HostSlots:
         del self._rows[worker]
         return row, self._reclaim(row)
 
+    def settle_lost(
+        self, worker: WorkerKey, live: Mapping[int, str] | None
+    ) -> tuple[WorkerRow | None, list[Answer]]:
+        """The worker whose channel was lost (`leave(keep_held=True)`) runs on
+        past it (LOST_CHANNEL_CONFIRM) and so has read its end: it grants
+        nothing more from its lone budget. The calls its call table has live
+        now (`live`, read again: lease -> fleet name) and this table does not
+        hold are counted as its calls, and the rest of the budget is free.
+        `live` None (no table, or unreadable): the rest is counted as its calls
+        until it exits. Returns its row (None: nothing was reserved for it) and
+        the grants the slots freed make possible."""
+        row = self._rows.get(worker)
+        if row is None or not row.channel_lost or row.standing is None:
+            return None, []
+        if live is not None:
+            self._count_unheard(row, live)
+        else:
+            self._count_rest(row)
+        self._unreserve(row)
+        if not row.held:
+            del self._rows[worker]
+        return row, self.wake()
+
+    def _count_unheard(self, row: WorkerRow, live: Mapping[int, str]) -> None:
+        """The calls `row`'s worker granted from its standing budget and never
+        told, as its call table names them (`live`: those live there and not
+        held here): counted as a grant is, opened on their fleet (the capacity
+        estimate counts them since its probe), their slots out of the reserve."""
+        assert row.standing is not None
+        for lease, name in live.items():
+            fleet = row.standing_fleets.get(name)
+            if lease in row.held or fleet is None:
+                continue
+            if row.standing.take_named(name):
+                fleet.standing -= 1
+            # Its worker can no longer say when its fleet answers: not in flight.
+            self.balancer.open(fleet)
+            row.held[lease] = fleet
+            row.granted_total += 1
+
+    def _count_rest(self, row: WorkerRow) -> None:
+        """What is left of `row`'s standing budget counted as its calls, under
+        negative ids (an upper bound of what it granted and never told)."""
+        assert row.standing is not None
+        below = min(row.held, default=0)
+        start = below if below < 0 else 0  # under any negative id `reserve` used
+        rest = [
+            row.standing_fleets[name] for name, n in row.standing.slots().items() for _ in range(n)
+        ]
+        for i, fleet in enumerate(rest, 1):
+            fleet.active += 1
+            row.held[start - i] = fleet
+
     def release_kept(self, worker: WorkerKey) -> tuple[WorkerRow | None, list[Answer]]:
         """The process of a worker whose channel was lost has exited: what
         `leave(..., keep_held=True)` kept comes back (counted reclaimed: its
-        calls ended with it or before). (None, []) if nothing is kept for it:
-        a worker whose channel is open is not touched."""
+        calls ended with it or before), and the rest of a lone budget still
+        reserved for it. (None, []) if nothing is kept for it: a worker whose
+        channel is open is not touched."""
         row = self._rows.get(worker)
         if row is None or not row.channel_lost:
             return None, []
         del self._rows[worker]
+        self._unreserve(row)
         return row, self._reclaim(row)
 
     def _reclaim(self, row: WorkerRow) -> list[Answer]:
@@ -636,6 +694,12 @@ class HostSlots:
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
         fleet = row.standing_fleets.get(name)
         if row.standing is None or fleet is None or not row.standing.take_named(name):
+            if row.standing_cut and fleet is not None:
+                # Granted before its worker read "budget-end", told after its
+                # unused slots were taken back: the call exists, counted past
+                # maxconn for as long as it lasts rather than not at all.
+                self.grants_past_cut_total += 1
+                return self._grant(row, lease, fleet)
             raise SlotProtocolError(
                 f"worker {worker!r} granted lease {lease} on fleet {name!r} from a "
                 "standing budget it does not have there"
@@ -703,6 +767,32 @@ class HostSlots:
         self._unreserve(row)
         return self.wake()
 
+    def take_back_unused(
+        self, worker: WorkerKey, live: Mapping[int, str] | None
+    ) -> tuple[dict[str, int], list[Answer]]:
+        """`worker` was told "budget-end" and has not dropped its standing
+        budget in time (a lone worker hung or stopped, LONE_END_WAIT): the
+        slots it has not used are taken back, so that other workers' calls
+        are served. Used: what it told it granted (out of the budget already)
+        and what its call table (`live`, lease -> fleet name) has live that
+        this table does not hold (granted, its "acquire" held): those stay
+        reserved until it tells them or drops the budget. `live` None (no
+        table, or unreadable): nothing is taken back (its held grants are not
+        known). Returns the slots taken back by fleet, and the grants they
+        make possible."""
+        row = self._rows.get(worker)
+        if row is None or row.standing is None or not row.standing_ending or live is None:
+            return {}, []
+        used: dict[str, int] = {}
+        for lease, name in live.items():
+            if lease not in row.held and name in row.standing_fleets:
+                used[name] = used.get(name, 0) + 1
+        taken = row.standing.cut(used)
+        for name, n in taken.items():
+            row.standing_fleets[name].standing -= n
+        row.standing_cut = True
+        return taken, self.wake()
+
     def standing_left(self, worker: WorkerKey) -> list[str]:
         """Of `worker`'s standing budget, what is left, a fleet name a slot:
         carried over an exec on top of what it holds (it may grant from it
@@ -720,6 +810,7 @@ class HostSlots:
         row.standing_fleets = {}
         row.standing_specs = {}
         row.standing_taken = row.standing_ending = row.standing_lone = False
+        row.standing_cut = False
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
         """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""

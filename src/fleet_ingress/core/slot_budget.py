@@ -53,7 +53,7 @@ the others' messages parked until it is dropped (`net.slot_server`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fleet_ingress.core.balancer import FleetState
@@ -265,6 +265,19 @@ class Budget:
                 f.left += 1
                 return True
         return False
+
+    def cut(self, kept: Mapping[str, int]) -> dict[str, int]:
+        """Of each fleet, at most `kept` (fleet name -> slots) left: the rest
+        taken back (a lone budget its worker did not drop in time). Returns
+        the slots taken, by fleet. What its worker gives back later still goes
+        back into it, up to `most` as before."""
+        taken: dict[str, int] = {}
+        for f in self._fleets:
+            keep = min(f.left, max(0, kept.get(f.name, 0)))
+            if f.left > keep:
+                taken[f.name] = f.left - keep
+                f.left = keep
+        return taken
 
     def slots(self) -> dict[str, int]:
         """Slots left, by fleet (those with none left too)."""

@@ -48,9 +48,11 @@ live (`live()`), the bytes they relay, which move no count, send one every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import select
 import socket
 import time
 from collections import Counter
@@ -111,6 +113,14 @@ HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 # state, session 46): on unless INGRESS_LONE_BUDGET is "0" (to measure
 # without it). Its grants are held whatever HOLD_BUDGET_GRANTS says.
 LONE_BUDGETS = os.environ.get("INGRESS_LONE_BUDGET", "1") != "0"
+# A call about to be granted from a lone budget while the channel has bytes
+# (or its end) waiting unread waits for this end to read them first, this
+# long at most (seconds, in time this loop ran), and this many reads: a
+# "budget-end" or the channel's end waiting there means the budget is gone
+# (`SlotClient._lone_budget_current`). Past it (this end's reading paused,
+# or stalled), the call is asked of the supervisor instead.
+LONE_READ_WAIT = 0.5
+LONE_READS_MOST = 4
 
 
 def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
@@ -119,6 +129,11 @@ def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
     slots left) no longer has: granted since the supervisor last read it."""
     carried = int(entry.get("standing", 0))
     return max(0, carried - own.get(str(entry["fleet"]), 0))
+
+
+def _read_late(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _no_answer(future: asyncio.Future[FleetState]) -> None:
@@ -301,6 +316,11 @@ class SlotClient(asyncio.Protocol):
         # process dies (`net.call_table_map`): a call with one may have its
         # "acquire", "logged" and "release" held. None: every call is told.
         self.table: CallTableWriter | None = None
+        # The channel looked at, without reading it, before a grant from a
+        # lone budget (`_channel_unread`), and the futures of the calls waiting
+        # for this end to read what is there (`_lone_budget_current`).
+        self._peek: select.poll | None = None
+        self._read_waiters: list[asyncio.Future[None]] = []
 
     @classmethod
     async def connect(
@@ -350,8 +370,17 @@ class SlotClient(asyncio.Protocol):
         the call's access line if this process dies with it."""
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
+        from_budget = self._budget is not None
+        if from_budget and self._lone:
+            from_budget = await self._lone_budget_current()
+            if not self.connected:
+                raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
-        if self._budget is not None and (name := self._budget.take(avoid)) is not None:
+        if (
+            from_budget
+            and self._budget is not None
+            and (name := self._budget.take(avoid)) is not None
+        ):
             return self._grant_from_budget(lease_id, name, avoid, call)
         future: asyncio.Future[FleetState] = self._loop.create_future()
         self._pending[lease_id] = future
@@ -379,6 +408,53 @@ class SlotClient(asyncio.Protocol):
         finally:
             timer.cancel()
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
+
+    async def _lone_budget_current(self) -> bool:
+        """Whether a call may be granted from the lone budget now: nothing
+        waits unread in the channel, or what waited was read and the budget
+        is still there. The supervisor takes back the slots of a lone budget
+        not dropped LONE_END_WAIT (1 s) after its "budget-end"
+        (`SlotServer._lone_wait_over`), and what is left of it once the
+        channel has ended and this process has run on (`settle_lost`): a
+        worker whose loop did not run meanwhile (SIGSTOP, a stall) gets its
+        accepts and that message, or the end, in one turn. Granted from
+        before reading them, those calls took slots given to others: maxconn
+        passed. One poll(2) a grant; a wait of a loop turn only when
+        something is there (a report asked, most often)."""
+        for _ in range(LONE_READS_MOST):
+            if self._budget is None or not self._lone:
+                return True  # ended meanwhile: asked of the supervisor as without one
+            if not self._channel_unread():
+                return True
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._read_waiters.append(waiter)
+            timer = PatientTimer(self._loop, LONE_READ_WAIT, _read_late, waiter)
+            try:
+                await waiter
+            except TimeoutError:
+                break
+            finally:
+                timer.cancel()
+                with contextlib.suppress(ValueError):
+                    self._read_waiters.remove(waiter)
+        return False
+
+    def _channel_unread(self) -> bool:
+        """Bytes, or the channel's end, wait unread in this end's socket."""
+        peek = self._peek
+        if peek is None:
+            return False
+        try:
+            return bool(peek.poll(0))
+        except OSError:
+            return True
+
+    def _read_through(self) -> None:
+        """This end has read what was waiting (or the channel ended)."""
+        waiters, self._read_waiters = self._read_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _grant_from_budget(
         self, lease_id: int, name: str, avoid: Collection[str], call: dict[str, Any] | None
@@ -648,10 +724,23 @@ class SlotClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Registered by number: the poll object holds no reference to the
+            # socket and never closes it (the transport does).
+            self._peek = select.poll()
+            self._peek.register(sock.fileno(), select.POLLIN)
         if self._hello_on_connect:
             self.say_hello()
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._data_received(data)
+        finally:
+            if self._read_waiters:
+                self._read_through()
+
+    def _data_received(self, data: bytes) -> None:
         try:
             messages = self._decoder.feed(data)
         except WireError as exc:
@@ -706,6 +795,7 @@ class SlotClient(asyncio.Protocol):
         # calls, as it exits (or it is gone itself).
         if not self.lost.done():
             self.lost.set_result(None)
+        self._peek = None  # its descriptor is closed after this
         self._cancel_flush()
         self._answers.clear()
         self._held_lines.clear()
@@ -716,6 +806,7 @@ class SlotClient(asyncio.Protocol):
         self._queued.clear()
         self._calls.clear()
         self._end_budget()
+        self._read_through()
         for future in pending.values():
             if not future.done():
                 future.set_exception(NoFleetAvailable(COORDINATOR_GONE))

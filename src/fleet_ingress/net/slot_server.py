@@ -31,7 +31,10 @@ restored, a worker that says "lone" is given every free slot as a standing
 budget, its grants and its releases into it riding its next write. A second
 worker, an exec, a restore, a queue or a pause takes it back; the other
 workers' messages are parked (`_handle`) until it is dropped ("budget-dropped",
-after every grant made from it), so no other grant counts a slot it holds.
+after every grant made from it), so no other grant counts a slot it holds; or
+LONE_END_WAIT after, the slots it has not used taken back (session 47). A
+lone worker's channel that ends while its process runs keeps the budget's
+rest reserved until `settle_lost` (it may grant until it reads the end).
 
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
@@ -109,9 +112,10 @@ STANDING_RETRY = 0.5
 REPORT_REFUSED_SAID_EVERY = 60.0
 # A lone worker's budget taken back (`SlotServer._review_standing`): its worker
 # is given this long (seconds, in time this loop ran: `PatientTimer`) to drop
-# it ("budget-dropped"); past it, the messages of the other workers parked
-# meanwhile are read (its slots stay reserved until it does: maxconn holds, a
-# call of theirs may queue for them).
+# it ("budget-dropped"); past it, the slots it has not used are taken back
+# (`_lone_wait_over`: those its call table says it granted stay reserved) and
+# the messages of the other workers parked meanwhile are read. Its worker
+# grants nothing from the budget once "budget-end" waits unread (`slot_client`).
 LONE_END_WAIT = 1.0
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
@@ -1095,12 +1099,19 @@ class SlotServer:
                 # Granted by the worker from its standing budget: the host's grant,
                 # made when it says ("at", monotonic: a held one is read late).
                 at = message.get("at")
+                past = self.slots.grants_past_cut_total
                 granted = self.slots.grant_standing(
                     channel.key,
                     lease,
                     field(message, "fleet", str),
                     granted_at=at if type(at) is float and math.isfinite(at) else None,
                 )
+                if self.slots.grants_past_cut_total != past:
+                    log.warning(
+                        "a call granted from a lone budget whose unused slots were taken "
+                        "back: counted, past maxconn while it lasts",
+                        extra=fields(channel=channel.key, pid=channel.pid, lease=lease),
+                    )
                 if isinstance(call := message.get("call"), dict):
                     self._keep_call(channel.key, lease, call, message)
                 self._told_down_late(channel, lease, granted.fleet)
@@ -1416,6 +1427,9 @@ class SlotServer:
                     generation=row.generation,
                     slots_kept=row.calls,
                     fleets=_by_fleet(row),
+                    # A lone budget's rest, reserved until it is known that
+                    # the worker grants no more from it (`settle_lost`).
+                    slots_reserved=len(self.slots.standing_left(channel.key)),
                 ),
             )
         elif row is not None:
@@ -1461,6 +1475,35 @@ class SlotServer:
             return False
         channel.transport.close()
         return True
+
+    def settle_lost(self, key: int) -> WorkerRow | None:
+        """The worker whose channel `key` ended runs on past the end
+        (LOST_CHANNEL_CONFIRM, the supervisor's `_channel_lost`): it has read
+        the end and grants nothing more from a lone budget. Its call table is
+        read again (`live_calls`): the calls it granted from the budget since
+        the channel ended are counted as its calls, the rest of the budget is
+        free (`HostSlots.settle_lost`). Its row (None: nothing was reserved)."""
+        row = self.slots.get(key)
+        if row is None or not row.channel_lost or row.standing is None:
+            return None
+        live = self.live_calls(key) if self.live_calls is not None else None
+        before = row.calls
+        row, answers = self.slots.settle_lost(key, live)
+        if row is not None:
+            log.info(
+                "lost channel's lone budget settled: the calls its worker granted "
+                "since are counted, the rest is free",
+                extra=fields(
+                    channel=key,
+                    pid=row.pid,
+                    generation=row.generation,
+                    calls_found=row.calls - before,
+                    slots_kept=row.calls,
+                    fleets=_by_fleet(row),
+                ),
+            )
+        self._send(answers)
+        return row
 
     def release_kept(self, key: int) -> WorkerRow | None:
         """The process of a worker whose channel ended while it ran has exited:
@@ -1540,14 +1583,39 @@ class SlotServer:
         self._lone_timer = PatientTimer(channel.loop, LONE_END_WAIT, self._lone_wait_over)
 
     def _lone_wait_over(self) -> None:
+        """LONE_END_WAIT passed and the lone worker has not dropped its budget
+        (hung, stopped): the slots it has not used are taken back
+        (`HostSlots.take_back_unused`: what it was given less what it told it
+        granted and what its call table has live), then the other workers'
+        messages are read. Before (session 46), every slot stayed reserved
+        until it answered or was killed as hung (`worker_hang_timeout`, a
+        minute): the new generation's calls queued or got 503 meanwhile. It
+        grants nothing from the budget once "budget-end" waits unread in its
+        channel (`slot_client`), so none of what is taken back is granted twice."""
         self._lone_timer = None
-        if self._lone_holder is not None:
+        holder = self._lone_holder
+        answers: list[Answer] = []
+        if holder is not None:
+            row = self.slots.find_row(holder)
+            live = None
+            if row is not None and row.standing is not None and self.live_calls is not None:
+                live = self.live_calls(holder)
+            taken, answers = self.slots.take_back_unused(holder, live)
             log.warning(
-                "a lone worker did not drop its budget in time: the other workers' "
-                "messages are read, its slots stay reserved until it does",
-                extra=fields(channel=self._lone_holder, waited=LONE_END_WAIT),
+                "a lone worker did not drop its budget in time: the slots it has not "
+                "used are taken back"
+                + ("" if live is not None else " (none: its call table is not read)")
+                + ", the other workers' messages are read",
+                extra=fields(
+                    channel=holder,
+                    pid=None if row is None else row.pid,
+                    waited=LONE_END_WAIT,
+                    slots_taken_back=taken,
+                    slots_kept=self.slots.standing_left(holder),
+                ),
             )
         self._lone_over()
+        self._send(answers)  # the queue first (FIFO), then the parked messages
         self._unpark()
 
     def _lone_over(self) -> None:

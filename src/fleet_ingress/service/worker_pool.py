@@ -422,6 +422,12 @@ class WorkerPool:
         if worker.proc.returncode is not None or not child_running(worker.pid):
             return  # it died: its exit is logged and counted as a death
         worker.channel_lost = True
+        # Running past its channel's end, it has read it: it grants no more
+        # from a lone budget (nor after, reading the end first: `slot_client`).
+        # Its call table read again counts what it granted since the channel
+        # ended; the rest of the budget, reserved till now, is free.
+        if (row := self.server.settle_lost(worker.key)) is not None:
+            worker.calls_lost = row.calls
         log.error(
             "worker's slot channel was lost while it runs: it takes no new call and "
             "finishes its calls; the slots it holds stay counted until it exits "
