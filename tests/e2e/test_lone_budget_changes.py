@@ -1,0 +1,103 @@
+"""A lone worker's budget (session 46) as the host around it changes: a
+reload lowering a fleet's maxconn, an exec's hand-over with other workers'
+messages parked, the last other channel ending. Real slot channels (Unix
+socketpairs, one process); the reload through the supervisor's own
+`reload_host`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.health import Health
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.service.host_reload import reload_host
+from fleet_ingress.service.supervisor import Supervisor
+from tests.support import TLSFiles, eventually, write_run_home
+
+FLEET = "https://127.0.0.1:9 name=a"
+
+
+async def _lone_worker(supervisor: Supervisor) -> tuple[int, SlotClient]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    key = await supervisor.server.adopt(ours)
+    client = await SlotClient.connect(
+        sock=theirs, pid=os.getpid(), generation=1, answer_timeout=10, standing=False, lone=True
+    )
+    row = await _row(supervisor, key)
+    await eventually(lambda: row.standing_lone and row.standing_taken and client._lone)
+    return key, client
+
+
+async def _row(supervisor: Supervisor, key: int):
+    await eventually(lambda: supervisor.slots.get(key) is not None)
+    row = supervisor.slots.get(key)
+    assert row is not None
+    return row
+
+
+async def test_a_reload_lowering_maxconn_ends_the_lone_budget_before_the_poller_is_reconfigured(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """maxconn 4 lowered to 2 by a reload while the lone worker holds a budget
+    of every free slot (1 call up, 3 reserved). The poller's reconfigure (TLS
+    contexts built anew, probes waited for) is held: meanwhile the worker's
+    calls are granted under the new maxconn, one more then a wait, never past
+    it. On main the budget was taken back only after the reconfigure
+    (`wake` after it): the worker granted 3 more from the old one, 4 calls
+    at maxconn 2."""
+    await write_run_home(tls_files, tmp_path, [f"{FLEET} maxconn=4"], workers=1, queue=5)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    (fleet,) = supervisor.balancer.fleets
+    fleet.health = Health.UP
+    held = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def reconfigure(*_: object) -> None:  # a slow one: TLS contexts, probes
+        entered.set()
+        await held.wait()
+
+    supervisor.poller.reconfigure = reconfigure  # type: ignore[method-assign]
+    _, client = await _lone_worker(supervisor)
+    leases = []
+    asked: list[asyncio.Task] = []
+    reloading: asyncio.Task | None = None
+    try:
+        assert fleet.maxconn == 4 and fleet.standing == 4
+        leases.append(await asyncio.wait_for(client.lease(), 2))  # from the budget
+        (tmp_path / "fleets.txt").write_text(f"{FLEET} maxconn=2\n")
+        reloading = asyncio.create_task(reload_host(supervisor))
+        await asyncio.wait_for(entered.wait(), 10)
+        assert fleet.maxconn == 2  # applied; the reconfigure not done
+        # Two rounds of reports: the worker has read what was sent before
+        # each ("budget-end", then the budget given anew) and answered it.
+        for _ in range(2):
+            assert await supervisor.server.collect_reports(2.0) == 0
+        for _ in range(3):
+            asked.append(asyncio.ensure_future(client.lease()))
+            await eventually(lambda: asked[-1].done() or supervisor.slots.queue_length > 0)
+            if not asked[-1].done():
+                break
+            leases.append(asked[-1].result())
+        assert len(leases) == 2  # the one up, one more: maxconn 2
+        assert supervisor.slots.queue_length == 1
+        assert fleet.active + fleet.standing <= 2
+        held.set()
+        await asyncio.wait_for(reloading, 10)
+        leases.pop().release()
+        leases.append(await asyncio.wait_for(asked[-1], 5))  # the one waiting
+        assert fleet.active <= 2
+    finally:
+        held.set()
+        for task in asked:
+            task.cancel()
+        if reloading is not None:
+            await asyncio.gather(reloading, return_exceptions=True)
+        client.close()
+        await supervisor.server.close()
