@@ -11,10 +11,15 @@ import os
 import socket
 from pathlib import Path
 
-from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.fleets_file import load_fleets_file, parse_fleets_text
 from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.service.host_reload import reload_host
 from fleet_ingress.service.supervisor import Supervisor
 from tests.support import TLSFiles, eventually, write_run_home
@@ -101,3 +106,71 @@ async def test_a_reload_lowering_maxconn_ends_the_lone_budget_before_the_poller_
             await asyncio.gather(reloading, return_exceptions=True)
         client.close()
         await supervisor.server.close()
+
+
+def _slot_server(maxconn: int) -> SlotServer:
+    specs = parse_fleets_text("https://a.test name=a\n", default_maxconn=maxconn)
+    fleets = FleetSet.from_specs(specs)
+    for fleet in fleets.fleets:
+        fleet.health = Health.UP
+    return SlotServer(HostSlots(Balancer(fleets), queue_timeout=5.0, max_queue=8))
+
+
+async def _lone_client(server: SlotServer, pid: int) -> tuple[int, SlotClient]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    key = await server.adopt(ours)
+    client = await SlotClient.connect(
+        sock=theirs, pid=pid, generation=1, answer_timeout=10, standing=False, lone=True
+    )
+    await eventually(lambda: server.slots.get(key) is not None)
+    row = server.slots.get(key)
+    assert row is not None
+    await eventually(lambda: row.standing_lone and row.standing_taken and client._lone)
+    return key, client
+
+
+async def test_a_hand_over_reads_the_parked_messages_no_state_says_in_order(monkeypatch) -> None:
+    """A second worker joins while the lone one holds its budget (busy: it
+    reads "budget-end" late) and sends, parked, an answer to an ask, the
+    "logged" of a call the supervisor knows, another answer and an
+    "acquire". An exec's hand-over comes first: the answers and the "logged"
+    are read, in that order (the "acquire" is said in its "state"). On main
+    `handover` dropped them all: the ask went unanswered and the call stayed
+    known, a second access line should that worker die without a table."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 30.0)  # told, not timed
+    server = _slot_server(maxconn=2)
+    answers: list[tuple[int, bool]] = []
+    kept: dict[str, socket.socket] = {}
+    _, w1 = await _lone_client(server, 1001)
+    assert w1._transport is not None
+    w1._transport.pause_reading()  # busy: "budget-end" waits unread
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        call = {"call_id": "c7", "bot_id": "bot-7"}
+        key = await server.adopt(ours, calls={7: call})  # known, as an exec carries it
+        server.handlers["reloaded"] = lambda k, m: answers.append(
+            (m["id"], 7 in server.calls_of(k))
+        )
+        hello = {"op": "hello", "pid": 1002, "generation": 2, "answers": True, "lone": True}
+        theirs.sendall(encode(hello))
+        await eventually(lambda: server.slots.get(key) is not None)
+        parked = [
+            {"op": "reloaded", "id": 1, "ok": True},
+            {"op": "logged", "id": 7},
+            {"op": "reloaded", "id": 2, "ok": True},
+            {"op": "acquire", "id": 8, "avoid": []},
+        ]
+        theirs.sendall(b"".join(encode(m) for m in parked))
+        channel = server._channels[key]
+        await eventually(lambda: len(channel.parked) == 4)
+        assert answers == []  # parked: the lone budget is being taken back
+        kept = server.handover({})
+        assert answers == [(1, True), (2, False)]  # in order, the "logged" between
+        assert server.calls_of(key) == {}
+        assert not channel.parked
+    finally:
+        for sock in kept.values():
+            sock.close()
+        theirs.close()
+        w1.close()
+        await server.close()
