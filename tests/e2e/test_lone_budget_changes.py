@@ -174,3 +174,46 @@ async def test_a_hand_over_reads_the_parked_messages_no_state_says_in_order(monk
         theirs.close()
         w1.close()
         await server.close()
+
+
+async def test_the_worker_left_alone_after_an_upgrade_is_given_the_lone_budget() -> None:
+    """An upgrade's shape: the old generation's worker holds a call while the
+    new generation's joins (two channels: no lone budget for either); the old
+    one's call ends, it drains and its channel ends: the one left is offered
+    the lone budget at once (its hello said "lone") and grants its next call
+    from it, no round trip. (Checked on main too, and with a real upgrade of
+    a one-worker service: it was given there already; this pins it.)"""
+    server = _slot_server(maxconn=2)
+    (fleet,) = server.slots.balancer.fleets
+    old_key, old = await _lone_client(server, 2001)
+    new: SlotClient | None = None
+    try:
+        up = await asyncio.wait_for(old.lease(), 2)  # from its lone budget
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        new_key = await server.adopt(ours)
+        new = await SlotClient.connect(
+            sock=theirs, pid=2002, generation=2, answer_timeout=10, standing=False, lone=True
+        )
+        await eventually(lambda: server.slots.get(new_key) is not None)
+        old_row, new_row = server.slots.get(old_key), server.slots.get(new_key)
+        assert old_row is not None and new_row is not None
+        await eventually(lambda: old_row.standing is None and fleet.active == 1)
+        assert await server.collect_reports(2.0) == 0
+        assert new_row.standing is None and new._budget is None  # two channels: none
+        old.decline_standing()  # retiring: it takes no new calls
+        up.release()
+        old.close()  # drained, exited: its channel ends
+        await eventually(lambda: server.slots.get(old_key) is None)
+        await eventually(lambda: new_row.standing_lone and new_row.standing_taken and new._lone)
+        assert fleet.standing == 2 and fleet.active == 0
+        call = await asyncio.wait_for(new.lease(), 2)
+        assert call.queued_s == 0.0 and new._budget is not None
+        assert new._budget.slots() == {"a": 1}  # granted from it
+        assert await server.collect_reports(2.0) == 0  # its grant read
+        assert (fleet.active, fleet.standing) == (1, 1)
+        call.release()
+    finally:
+        if new is not None:
+            new.close()
+        old.close()
+        await server.close()
