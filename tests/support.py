@@ -163,9 +163,22 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
 # core (50 s at a load of 10-16; 92 s once in session 44 beside the upgrade tests),
 # then the exec, the table's rebuild and the new workers (35 s at most). Above
 # TRIAL_STALL_LIMIT and those 35 s, so a stalled trial's own verdict is printed
-# before this cuts the command. (pytest's timeout, 120 s, is shorter: a test
-# that must see a slower upgrade through marks its own.)
+# before this cuts the command. pytest's own timeout (pyproject, 120 s) is
+# shorter: a test that runs `upgrade` under this bound marks its own,
+# `pytest.mark.timeout(upgrade_test_timeout(n))`, or pytest cut a slow but sound
+# upgrade first, the command's verdict (a stalled trial's, printed) unread.
 UPGRADE_WITHIN = 150.0
+# A test's time besides its `upgrade` commands: the service started (trustme's
+# files, the workers joined and probed: 5-15 s under load), its own calls and
+# checks, the service stopped (its drain bounded by STOP_GRACE and the test's).
+UPGRADE_TEST_REST = 90.0
+
+
+def upgrade_test_timeout(upgrades: int = 1) -> float:
+    """pytest's bound on a test running `upgrades` upgrade commands, each
+    bounded by UPGRADE_WITHIN: above their sum, so the command's bound (and
+    what it printed) is what fails a slow upgrade, not pytest's."""
+    return upgrades * UPGRADE_WITHIN + UPGRADE_TEST_REST
 
 
 async def run_cli(

@@ -30,6 +30,7 @@ from tests.support import (
     TLSFiles,
     admin_command,
     eventually,
+    upgrade_test_timeout,
     write_run_home,
 )
 
@@ -105,6 +106,7 @@ async def test_auto_workers_follow_the_cgroups_cpu_quota(
 
 
 @pytest.mark.uvloop_only
+@pytest.mark.timeout(upgrade_test_timeout())
 async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_an_upgrade(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet, one_cpu_cgroup: CpuCgroup
 ) -> None:

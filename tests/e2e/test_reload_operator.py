@@ -27,6 +27,7 @@ from tests.support import (
     admin_command,
     echo,
     free_port,
+    upgrade_test_timeout,
 )
 
 pytestmark = pytest.mark.uvloop_only  # the ingress is a process of its own
@@ -174,6 +175,7 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
     assert "EDITS NOT APPLIED" not in shown, shown
 
 
+@pytest.mark.timeout(upgrade_test_timeout())
 async def test_a_file_edit_the_environment_hides_is_said_after_an_upgrade(
     queue_edit_hidden: tuple[RunningIngress, Path, str],
 ) -> None:

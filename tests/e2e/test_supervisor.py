@@ -51,6 +51,7 @@ from tests.support import (
     run_home,
     until_asked,
     until_stopped,
+    upgrade_test_timeout,
     worker_channel_copy,
     workers_of,
     write_leaf_cert,
@@ -1251,6 +1252,7 @@ async def test_a_worker_started_after_a_renewal_applied_serves_the_renewal(
         await service.finish()
 
 
+@pytest.mark.timeout(upgrade_test_timeout())
 async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_worker_or_an_upgrade(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

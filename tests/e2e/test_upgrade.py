@@ -71,14 +71,17 @@ from tests.support import (
     run_cli,
     simulated_fleets,
     stopped_together,
+    upgrade_test_timeout,
     workers_of,
     write_leaf_cert,
     write_run_home,
 )
 
 # One process tree per test (the event loop is its own), waited on more than worked:
-# README's command runs these tests two at a time.
-pytestmark = pytest.mark.uvloop_only
+# README's command runs these tests two at a time. Most run an `upgrade` command
+# (UPGRADE_WITHIN, above pytest's 120 s): bounded by one upgrade's time and the
+# rest; those running two say so (`upgrade_test_timeout(2)`).
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(upgrade_test_timeout())]
 
 PROFILE = "exotel"  # a frame every 100 ms, echoed: every one is counted
 # The fleets and carriers share this test's one event loop: under a burst their
@@ -383,6 +386,7 @@ async def test_carriers_offering_tls_sessions_connect_across_renewals_and_an_upg
         await service.finish()
 
 
+@pytest.mark.timeout(upgrade_test_timeout(2))
 async def test_a_carriers_session_resumes_on_the_new_generation_after_an_upgrade(
     tls_files: TLSFiles, fleets: list[SimulatedFleet]
 ) -> None:
@@ -966,6 +970,7 @@ async def test_an_upgrade_refused_for_the_configuration_says_so_not_to_fix_the_i
         await service.finish()
 
 
+@pytest.mark.timeout(upgrade_test_timeout(2))
 async def test_a_failed_upgrade_is_said_by_stat_the_page_and_metrics_until_one_succeeds(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
@@ -1171,6 +1176,7 @@ async def test_a_new_generation_starts_a_batch_of_one_per_cpu_at_a_time(
         await service.finish()
 
 
+@pytest.mark.timeout(upgrade_test_timeout(2))
 async def test_a_new_worker_that_cannot_start_in_a_middle_batch_abandons_the_upgrade(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
@@ -2091,6 +2097,7 @@ SlotServer.handover = _handover
 """
 
 
+@pytest.mark.timeout(upgrade_test_timeout(2))
 async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
@@ -3927,6 +3934,7 @@ def _low_descriptor_limit() -> None:
 
 
 @pytest.mark.uvloop_only
+@pytest.mark.timeout(upgrade_test_timeout(2))
 async def test_the_descriptor_limit_is_said_short_once_not_at_every_upgrade(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:

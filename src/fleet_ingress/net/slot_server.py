@@ -118,6 +118,15 @@ REPORT_REFUSED_SAID_EVERY = 60.0
 # grants nothing from the budget once "budget-end" waits unread (`slot_client`).
 LONE_END_WAIT = 1.0
 
+# Of a worker's messages, those its "state" accounts for (what it holds, waits
+# for, its calls in flight, its budget): parked ones of these are dropped at a
+# hand-over (`handover`), the next image (or `take_back`) reading the state.
+# The others (`logged`, `full`, `unreachable`, answers to the supervisor's
+# asks) are said nowhere else: read in order there (`read_parked_unstated`).
+_SAID_IN_STATE = frozenset(
+    {"acquire", "release", "answered", "budget-taken", "budget-dropped", "state"}
+)
+
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset(
     {
@@ -758,7 +767,14 @@ class SlotServer:
 
         `budgets` (`plan_budgets`): written to each worker before anything
         else is done with its channel: it grants calls from it until the next
-        image (or this one, `take_back`) asks it "sync"."""
+        image (or this one, `take_back`) asks it "sync".
+
+        Messages parked for a lone worker's budget that no "state" says are
+        read first, in order (`read_parked_unstated`); call that before
+        `plan_budgets` (`upgrade_sequence._reexec` does): what they move
+        (a fleet taken as FULL, a grant to a call waiting) is then in the
+        plan, and in the calls the exec carries (`calls_of`)."""
+        self.read_parked_unstated()
         to_hand = self._to_hand_over()
         channels = list(to_hand.values())
         if unwritten := self._unwritten(channels):
@@ -796,8 +812,9 @@ class SlotServer:
             channel.transport.pause_reading()
             channel.handed_over = True
             # A lone budget is carried in the exec's (`plan_budgets`) and ends
-            # at "sync"; what was parked is counted in its worker's "state"
-            # (taken back or read by the next image): nothing parks any more.
+            # at "sync"; what is still parked is counted in its worker's
+            # "state" (taken back or read by the next image; the rest was read
+            # above): nothing parks any more.
             self._lone_over()
             channel.parked = []
             # Our descriptor closes, the duplicate keeps the channel open: the
@@ -1643,6 +1660,32 @@ class SlotServer:
                 elif op == "answered":
                     for lease, at in message.get("leases") or []:
                         self._call_answered(channel.key, int(lease), float(at))
+
+    def read_parked_unstated(self) -> None:
+        """Before an exec's hand-over, a lone worker's budget not dropped yet:
+        of each channel's parked messages, those no "state" says (`logged`,
+        `full`, `unreachable`, answers to the supervisor's asks: everything
+        but `_SAID_IN_STATE`) are read now, in order; the others stay parked
+        for `handover` to drop. Before, `handover` dropped them all: a
+        `logged` lost left its call known (a second access line should that
+        worker die without a call table), an answer lost left its ask to
+        time out, a 429 or a refused connection was not counted."""
+        for channel in list(self._channels.values()):
+            if not any(m.get("op") not in _SAID_IN_STATE for m in channel.parked):
+                continue
+            parked, channel.parked = channel.parked, []
+            stated = []
+            for message in parked:
+                if message.get("op") in _SAID_IN_STATE:
+                    stated.append(message)
+                    continue
+                try:
+                    self._act(channel, message)
+                except (WireError, SlotProtocolError) as exc:
+                    channel.broke_protocol(exc)  # nothing more of it is read
+                    stated = []
+                    break
+            channel.parked = stated + channel.parked
 
     def _unpark(self) -> None:
         """The messages parked while a lone worker's budget stood, read in

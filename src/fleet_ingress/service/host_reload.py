@@ -228,13 +228,19 @@ async def _reload(supervisor: Reloadable) -> str:
         supervisor.ops.gone(fleet)
     for fleet in plan.added:
         supervisor.poller.start(fleet)
+    # The grant budgets sent under the fleets' previous specs (a lone worker's
+    # holds every slot of the old maxconn) are taken back now, and given anew
+    # under the new ones, with no await between: the reconfigure below builds
+    # TLS contexts and waits on probes, and until "budget-end" is sent the
+    # worker grants from the old budget (before, past a lowered maxconn).
+    supervisor.server.wake()
     notes += plan.notes
     notes += warn_same_host(specs, log)  # said at each reload, as check says it
     notes += unread_variables_said_by_run()  # and so are these
     await supervisor.poller.reconfigure(fleet_ssl, probe_settings(config))
     if verified and not config.fleets.verify:
         warn_unverified()
-    supervisor.server.wake()
+    supervisor.server.wake()  # the probes' new settings may find room
     answers = await supervisor.reload_rounds.reload_workers()
     gone = sorted(pid for pid, a in answers.items() if a.get("gone"))
     failed = {

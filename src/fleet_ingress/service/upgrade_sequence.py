@@ -893,6 +893,10 @@ class UpgradeSequence:
             for w in self.supervisor.pool.workers.values()
             if not (w.retiring or w.candidate or w.left.is_set())
         }
+        # What a lone worker's budget held parked that no "state" says (a
+        # "logged", a 429, an answer) is read first: in the plan and the
+        # calls carried, not dropped by the hand-over.
+        self.supervisor.server.read_parked_unstated()
         budgets = self.supervisor.server.plan_budgets(takers)
         state = self._state_for_exec(budgets=budgets)
         state[EXEC_AT] = time.monotonic()  # the hand-over below is microseconds after
