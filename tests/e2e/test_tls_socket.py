@@ -1087,6 +1087,61 @@ async def test_a_handshake_step_waiting_in_its_queue_keeps_the_reader_unless_rea
             server.abort()
 
 
+class _CountedMeter(CpuMeter):
+    """A meter that counts the callbacks it runs."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def run(self, work: Callable[..., Any], *args: object) -> Any:
+        self.runs += 1
+        return super().run(work, *args)
+
+
+async def test_a_read_event_that_queues_a_handshake_step_is_not_metered(
+    tls_files: TLSFiles,
+) -> None:
+    """A carrier's handshake steps wait in the head queue, which meters them as
+    it runs them (the listener's meter). The read events that queued them were
+    metered too: two thread_time system calls around a queue's append, each of
+    a carrier's two flights (session 47). They are not; the step still runs
+    when its queue lets it, and the handshake finishes."""
+    loop = asyncio.get_running_loop()
+    client_sock, server_sock = _tcp_pair()
+    client_sock.setblocking(False)
+    server = wrap_accepted(loop, server_sock, _server_ctx(tls_files))
+    meter = _CountedMeter()
+    server.meter(meter)  # a carrier's connection, until its call is linked
+    steps = _HeldSteps()
+    steps.holding = True
+    server.steps_in(steps)
+    done: list[BaseException | None] = []
+    server.start_handshake(5, done.append)
+    client = TLSConnection(
+        loop,
+        client_sock,
+        tls_on(
+            client_sock, tls_files.client_context(), server_side=False, server_hostname="calls.test"
+        ),
+    )
+    try:
+        shaking = asyncio.ensure_future(client.handshake(5))
+        await eventually(lambda: len(steps.held) == 1)  # the ClientHello's read event
+        await asyncio.sleep(0.05)  # read again while it waits: unregistered, no step more
+        assert len(steps.held) == 1
+        assert meter.runs == 0
+        steps.holding = False
+        steps.release()
+        await shaking
+        await eventually(lambda: done == [None])
+    finally:
+        client.abort()
+        server.abort()
+
+
 async def test_flow_control_pauses_the_writer_bounds_its_buffer_and_keeps_the_order(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
