@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -1140,6 +1140,53 @@ async def test_a_read_event_that_queues_a_handshake_step_is_not_metered(
     finally:
         client.abort()
         server.abort()
+
+
+class _KeepOpen(Recorder):
+    """A handler that keeps its side open for writes after the peer's end."""
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
+async def test_a_close_done_at_once_sets_no_timer_and_one_that_waits_does(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close waits for the peer's close_notify (bounded by a timer, CLOSE_TIMEOUT).
+    One whose peer's close_notify is in already, nothing buffered (a churned
+    call's fleet side), is done in the close itself: its timer was made and
+    cancelled in the same call (a timer handle each way, session 47). It is
+    set only when the close waits, and the wait is still bounded."""
+    made: list[float] = []
+    timer = tls_socket.PatientTimer
+
+    def counted(loop: asyncio.AbstractEventLoop, delay: float, *a: Any, **kw: Any) -> Any:
+        made.append(delay)
+        return timer(loop, delay, *a, **kw)
+
+    monkeypatch.setattr(tls_socket, "PatientTimer", counted)
+    monkeypatch.setattr(tls_socket, "CLOSE_TIMEOUT", 0.2)
+    loop = asyncio.get_running_loop()
+    for peer_closes_first in (True, False):
+        made.clear()
+        with _tls_on_pair(tls_files) as (client, client_tls, server):
+            conn = TLSConnection(loop, client, client_tls)
+            await conn.handshake(5, timed=False)
+            handler = _KeepOpen(conn)
+            conn.start(handler)
+            if peer_closes_first:
+                with suppress(ssl.SSLWantReadError):
+                    server.unwrap()  # its close_notify; ours it waits for
+                await eventually(lambda: handler.eof)  # noqa: B023
+            conn.close()
+            if peer_closes_first:
+                assert handler.lost and handler.exc is None  # done in the close
+                assert made == []
+            else:
+                assert not handler.lost  # the peer answers nothing: the timer ends it
+                assert made == [0.2]
+                await eventually(lambda: handler.lost, timeout=2)  # noqa: B023
 
 
 async def test_flow_control_pauses_the_writer_bounds_its_buffer_and_keeps_the_order(

@@ -940,10 +940,6 @@ class TLSConnection:
         wait = CLOSE_TIMEOUT
         if flush_within > wait and self._out is not None:
             wait = flush_within
-        # Patient: after a stall, a peer that took our bytes or sent its
-        # close_notify meanwhile gets back the time the loop took (what is
-        # buffered was cut short); a silent one is aborted at once.
-        self._close_timer = PatientTimer(self._loop, wait, self.abort, answered=self._peer_moved)
         if self._out is not None:
             self._sync_io()
         elif self._renegotiating is not None and _in_init(self._ssl):
@@ -955,6 +951,16 @@ class TLSConnection:
             self._hold()
         else:
             self._shutdown()
+        if self._state is not _CLOSED:
+            # Patient: after a stall, a peer that took our bytes or sent its
+            # close_notify meanwhile gets back the time the loop took (what is
+            # buffered was cut short); a silent one is aborted at once. Set
+            # once the close waits: one done at once (the peer's close_notify
+            # in, nothing buffered: a churned call's fleet side) had its timer
+            # made and cancelled in the same call (session 47).
+            self._close_timer = PatientTimer(
+                self._loop, wait, self.abort, answered=self._peer_moved
+            )
 
     def _peer_moved(self) -> bool:
         return peer_moved(self._sock, took=self._out is not None, sent=True)
