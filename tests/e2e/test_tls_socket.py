@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -1085,6 +1085,108 @@ async def test_a_handshake_step_waiting_in_its_queue_keeps_the_reader_unless_rea
         finally:
             client.abort()
             server.abort()
+
+
+class _CountedMeter(CpuMeter):
+    """A meter that counts the callbacks it runs."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def run(self, work: Callable[..., Any], *args: object) -> Any:
+        self.runs += 1
+        return super().run(work, *args)
+
+
+async def test_a_read_event_that_queues_a_handshake_step_is_not_metered(
+    tls_files: TLSFiles,
+) -> None:
+    """A carrier's handshake steps wait in the head queue, which meters them as
+    it runs them (the listener's meter). The read events that queued them were
+    metered too: two thread_time system calls around a queue's append, each of
+    a carrier's two flights (session 47). They are not; the step still runs
+    when its queue lets it, and the handshake finishes."""
+    loop = asyncio.get_running_loop()
+    client_sock, server_sock = _tcp_pair()
+    client_sock.setblocking(False)
+    server = wrap_accepted(loop, server_sock, _server_ctx(tls_files))
+    meter = _CountedMeter()
+    server.meter(meter)  # a carrier's connection, until its call is linked
+    steps = _HeldSteps()
+    steps.holding = True
+    server.steps_in(steps)
+    done: list[BaseException | None] = []
+    server.start_handshake(5, done.append)
+    client = TLSConnection(
+        loop,
+        client_sock,
+        tls_on(
+            client_sock, tls_files.client_context(), server_side=False, server_hostname="calls.test"
+        ),
+    )
+    try:
+        shaking = asyncio.ensure_future(client.handshake(5))
+        await eventually(lambda: len(steps.held) == 1)  # the ClientHello's read event
+        await asyncio.sleep(0.05)  # read again while it waits: unregistered, no step more
+        assert len(steps.held) == 1
+        assert meter.runs == 0
+        steps.holding = False
+        steps.release()
+        await shaking
+        await eventually(lambda: done == [None])
+    finally:
+        client.abort()
+        server.abort()
+
+
+class _KeepOpen(Recorder):
+    """A handler that keeps its side open for writes after the peer's end."""
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
+async def test_a_close_done_at_once_sets_no_timer_and_one_that_waits_does(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close waits for the peer's close_notify (bounded by a timer, CLOSE_TIMEOUT).
+    One whose peer's close_notify is in already, nothing buffered (a churned
+    call's fleet side), is done in the close itself: its timer was made and
+    cancelled in the same call (a timer handle each way, session 47). It is
+    set only when the close waits, and the wait is still bounded."""
+    made: list[float] = []
+    timer = tls_socket.PatientTimer
+
+    def counted(loop: asyncio.AbstractEventLoop, delay: float, *a: Any, **kw: Any) -> Any:
+        made.append(delay)
+        return timer(loop, delay, *a, **kw)
+
+    monkeypatch.setattr(tls_socket, "PatientTimer", counted)
+    monkeypatch.setattr(tls_socket, "CLOSE_TIMEOUT", 0.2)
+    loop = asyncio.get_running_loop()
+    for peer_closes_first in (True, False):
+        made.clear()
+        with _tls_on_pair(tls_files) as (client, client_tls, server):
+            conn = TLSConnection(loop, client, client_tls)
+            await conn.handshake(5, timed=False)
+            handler = _KeepOpen(conn)
+            conn.start(handler)
+            if peer_closes_first:
+                with suppress(ssl.SSLWantReadError):
+                    server.unwrap()  # its close_notify; ours it waits for
+                await eventually(lambda: handler.eof)  # noqa: B023
+            conn.close()
+            if peer_closes_first:
+                assert handler.lost and handler.exc is None  # done in the close
+                assert made == []
+            else:
+                assert not handler.lost  # the peer answers nothing: the timer ends it
+                assert made == [0.2]
+                await eventually(lambda: handler.lost, timeout=2)  # noqa: B023
 
 
 async def test_flow_control_pauses_the_writer_bounds_its_buffer_and_keeps_the_order(

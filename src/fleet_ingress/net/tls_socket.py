@@ -611,7 +611,9 @@ class TLSConnection:
     def _queue_step(self) -> None:
         if not self._step_queued:
             self._step_queued = True
-            cast("_StepQueue", self._steps).add(self._queued_step)
+            steps = self._steps
+            assert steps is not None  # steps_in set it (not typing.cast: a call at run time)
+            steps.add(self._queued_step)
         else:
             # Read again while the step waits: no more read events until it runs
             # (the step reads; `_handshake_step` registers again if it must).
@@ -938,10 +940,6 @@ class TLSConnection:
         wait = CLOSE_TIMEOUT
         if flush_within > wait and self._out is not None:
             wait = flush_within
-        # Patient: after a stall, a peer that took our bytes or sent its
-        # close_notify meanwhile gets back the time the loop took (what is
-        # buffered was cut short); a silent one is aborted at once.
-        self._close_timer = PatientTimer(self._loop, wait, self.abort, answered=self._peer_moved)
         if self._out is not None:
             self._sync_io()
         elif self._renegotiating is not None and _in_init(self._ssl):
@@ -953,6 +951,16 @@ class TLSConnection:
             self._hold()
         else:
             self._shutdown()
+        if self._state is not _CLOSED:
+            # Patient: after a stall, a peer that took our bytes or sent its
+            # close_notify meanwhile gets back the time the loop took (what is
+            # buffered was cut short); a silent one is aborted at once. Set
+            # once the close waits: one done at once (the peer's close_notify
+            # in, nothing buffered: a churned call's fleet side) had its timer
+            # made and cancelled in the same call (session 47).
+            self._close_timer = PatientTimer(
+                self._loop, wait, self.abort, answered=self._peer_moved
+            )
 
     def _peer_moved(self) -> bool:
         return peer_moved(self._sock, took=self._out is not None, sent=True)
@@ -1232,6 +1240,14 @@ class TLSConnection:
             self._read()
             if self._held:
                 self._release()
+            return
+        if self._state is _HANDSHAKE and self._steps is not None:
+            # The event queues its step (or unregisters while one waits): the step
+            # is metered as its queue runs it. Metered here too, each of a
+            # carrier's two flights cost two thread_time system calls for a
+            # queue's append (1.7 a churned call, session 47); no look at TCP
+            # follows a read event in a handshake (`_reading_wanted`).
+            self._queue_step()
             return
         meter = self._meter
         if meter is None:
