@@ -677,7 +677,8 @@ class CarrierProtocol(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         self.ctx.registry.connections.discard(self)
         exc = exc or self.given_up
         self.feed(CARRIER_CLOSED if exc is None else CarrierLost(*_lost(exc)))
@@ -884,7 +885,7 @@ class CarrierProtocol(_Side):
 
     def _take_slot(self, command: Command) -> None:
         assert isinstance(command, TakeSlot)
-        self._task = self._running_loop().create_task(self._lease(command.avoid))
+        self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
@@ -951,7 +952,7 @@ class CarrierProtocol(_Side):
         self._fleet = (command.fleet, spec, None)
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
-        self._task = self._running_loop().create_task(
+        self._task = (self._loop or self._running_loop()).create_task(
             self._connect(fleet_side, command.fleet, spec, underway)
         )
 
@@ -1064,7 +1065,7 @@ class CarrierProtocol(_Side):
             kept_session=offered,
             underway=underway,
             meter=ctx.registry.new_connection_cpu,
-            loop=self._running_loop(),
+            loop=self._loop or self._running_loop(),
         )
 
     def _setup_failed(self, exc: Exception) -> None:
@@ -1142,13 +1143,17 @@ class CarrierProtocol(_Side):
             log.warning(CONNECT_OUT_OF_RESOURCES, extra=fields(**values))
 
     def _stop_early_look(self) -> None:
-        if self._early_look is not None:
-            self._early_look.cancel()
-            self._early_look = None
+        """Called where one is scheduled (`_early_look` set), which few calls
+        have: called at each of a call's link, loss and unlink, it was 3.8
+        Python calls a churned call (call_profile, session 47)."""
+        look, self._early_look = self._early_look, None
+        if look is not None:
+            look.cancel()
 
     def _link(self, command: Command) -> None:
         assert isinstance(command, Link)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
@@ -1198,7 +1203,8 @@ class CarrierProtocol(_Side):
 
     def _relay(self, command: Command) -> None:
         assert isinstance(command, Relay)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None
         call.fleet_side = fleet_side
@@ -1339,7 +1345,8 @@ class CarrierProtocol(_Side):
     def unlink(self) -> None:
         super().unlink()
         self.fleet_side = None
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
