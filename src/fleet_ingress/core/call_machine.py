@@ -456,6 +456,40 @@ FLEET_CLOSE_FRAME = CloseFrameSeen(Side.FLEET)
 CARRIER_CLOSED = CarrierLost(Lost.CLOSED)  # its peer closed it (no error)
 FLEET_CLOSED = FleetLost(Lost.CLOSED)
 
+# The members a call's handlers read, as module constants: an Enum class's
+# attribute read goes through EnumType's __getattr__ hook (a Python-level
+# type slot), about 900 instructions a read in CPython 3.11 (callgrind), and a
+# churned call's handlers and pump made some 25 (session 47). `is` compares
+# the same members.
+_HEAD = State.HEAD
+_PARSING = State.PARSING
+_LEASING = State.LEASING
+_CONNECTING = State.CONNECTING
+_AWAITING = State.AWAITING
+_TUNNEL = State.TUNNEL
+_HALF_CLOSED = State.HALF_CLOSED
+_RELAYING = State.RELAYING
+_ANSWERING = State.ANSWERING
+_CLOSING = State.CLOSING
+_ENDED = State.ENDED
+_CARRIER = Side.CARRIER
+_FLEET = Side.FLEET
+_REQUEST_TIMER = Timer.REQUEST
+_CONNECT_TIMER = Timer.CONNECT
+_RESPONSE_TIMER = Timer.RESPONSE
+_HALF_CLOSED_TIMER = Timer.HALF_CLOSED
+_END_REFUSED = EndReason.REFUSED
+_END_TIMEOUT = EndReason.TIMEOUT
+_END_FLEET_SILENT = EndReason.FLEET_SILENT
+_END_ERROR = EndReason.ERROR
+_LOST_CLOSED = Lost.CLOSED
+_READY = Admin.READY
+_HEALTH_ROUTE = RouteKind.HEALTH
+_NOT_FOUND_ROUTE = RouteKind.NOT_FOUND
+_CONN_FAILURE = Failure.CONN_FAILURE
+_RESPONSE_TIMEOUT = Failure.RESPONSE_TIMEOUT
+_FLEET_DOWN = Failure.FLEET_DOWN
+
 
 class IllegalEvent(Exception):
     def __init__(self, state: State, event: Event) -> None:
@@ -572,13 +606,13 @@ def _local_answer(
     head: RequestHead, route: Route
 ) -> tuple[int, str] | tuple[int, str, AnswerHeaders] | None:
     """What the ingress answers `head` itself (status, text[, headers]), or None for a call."""
-    if route.kind is RouteKind.HEALTH:
+    if route.kind is _HEALTH_ROUTE:
         # Like HAProxy's monitor-uri: any method, any version gets 200, a body too
         # (a monitor's POST). Its answer closes the connection: the body is not read.
         return 200, "ok"
     if head.host_missing:  # read for the health route (HAProxy's own check sends no Host)
         return 400, f"malformed request: {HOSTLESS}"
-    if route.kind is RouteKind.NOT_FOUND:
+    if route.kind is _NOT_FOUND_ROUTE:
         # With a body or not (SPEC 2's table, HAProxy's deny_status 404): /attach and
         # /livekit/* are POSTs with one, and a 400 for it sent a misrouted client
         # looking at its JSON. The body is not read: the answer closes the connection.
@@ -709,12 +743,12 @@ class CallMachine:
         *,
         head_only: bool = False,
     ) -> None:
-        self.state = State.ANSWERING
+        self.state = _ANSWERING
         self.status = status
         self.answer_text = text
         if self.is_call:
-            self._end(EndReason.REFUSED)
-        self._emit(Answer(status, text, head_only, headers), _CLOSE[Side.CARRIER])
+            self._end(_END_REFUSED)
+        self._emit(Answer(status, text, head_only, headers), _CLOSE[_CARRIER])
 
     def attempts_said(self) -> list[str] | None:
         """The fleets this call tried, in order, each with what its attempt
@@ -740,15 +774,15 @@ class CallMachine:
         """Ask for a slot avoiding the fleets tried, each named once: a call
         retried on one fleet (`retry.retries` has no maximum) would otherwise
         send the supervisor an avoid list as long as its attempts."""
-        self.state = State.LEASING
+        self.state = _LEASING
         self._emit(TakeSlot(tuple(dict.fromkeys(self.tried))) if self.tried else _TAKE_ANY_SLOT)
 
     def _gone_if_both(self) -> None:
         """The call ends once neither side is open."""
         if self.carrier_open or self.fleet_open:
-            self.state = State.CLOSING
+            self.state = _CLOSING
             return
-        self.state = State.ENDED
+        self.state = _ENDED
         if self.is_call:
             if not self.end_said:
                 self._say_end()
@@ -768,26 +802,26 @@ class CallMachine:
     # HEAD and PARSING ------------------------------------------------------
 
     def _head_complete(self, event: Event) -> None:
-        self.state = State.PARSING
-        self._emit(_CANCEL[Timer.REQUEST], _PARSE_HEAD)
+        self.state = _PARSING
+        self._emit(_CANCEL[_REQUEST_TIMER], _PARSE_HEAD)
 
     def _head_refused(self, event: Event) -> None:
         assert isinstance(event, HeadRefused)
-        if self.state is State.HEAD:
-            self._emit(_CANCEL[Timer.REQUEST])
+        if self.state is _HEAD:
+            self._emit(_CANCEL[_REQUEST_TIMER])
         self._answer(event.status, event.reason, head_only=event.head_only)
 
     def _request_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
-        if event.timer is not Timer.REQUEST:
+        if event.timer is not _REQUEST_TIMER:
             raise IllegalEvent(self.state, event)
         self._answer(408, "request head not received in time")
 
     def _carrier_lost_before_call(self, event: Event) -> None:
         self.carrier_open = False
-        if self.state is State.HEAD:
-            self._emit(_CANCEL[Timer.REQUEST])
-        self.state = State.ENDED
+        if self.state is _HEAD:
+            self._emit(_CANCEL[_REQUEST_TIMER])
+        self.state = _ENDED
 
     def _head_parsed(self, event: Event) -> None:
         assert isinstance(event, HeadParsed)
@@ -809,7 +843,7 @@ class CallMachine:
         assert isinstance(event, SlotGranted)
         fleet = event.fleet
         self.slot_held = True
-        if fleet.admin is not Admin.READY:
+        if fleet.admin is not _READY:
             # Drained (or removed) between the queue's hand-off and this turn.
             self._release_slot()
             self._take_slot()
@@ -820,7 +854,7 @@ class CallMachine:
         self.attempt += 1
         self.fleet = fleet
         self.tried.append(fleet.name)
-        self.state = State.CONNECTING
+        self.state = _CONNECTING
         self._emit(ConnectFleet(fleet, self.attempt), self.rules.connect_timer)
 
     def _slot_refused(self, event: Event) -> None:
@@ -832,41 +866,39 @@ class CallMachine:
 
     def _fleet_connected(self, event: Event) -> None:
         self.fleet_open = True
-        self.state = State.AWAITING
-        self._emit(_CANCEL[Timer.CONNECT], _SEND_HEAD, self.rules.response_timer)
+        self.state = _AWAITING
+        self._emit(_CANCEL[_CONNECT_TIMER], _SEND_HEAD, self.rules.response_timer)
 
     def _connect_failed(self, event: Event) -> None:
         assert isinstance(event, FleetConnectFailed)
-        self._emit(_CANCEL[Timer.CONNECT])
+        self._emit(_CANCEL[_CONNECT_TIMER])
         if event.unresolved:
-            self._attempt_failed(Failure.CONN_FAILURE, event.detail, refused=False)
+            self._attempt_failed(_CONN_FAILURE, event.detail, refused=False)
         elif event.exhausted:
-            self._attempt_failed(
-                Failure.CONN_FAILURE, event.detail, fleets_fault=False, exhausted=True
-            )
+            self._attempt_failed(_CONN_FAILURE, event.detail, fleets_fault=False, exhausted=True)
         else:
-            self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
+            self._attempt_failed(_CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
     def _offered_connection_failed(self, event: Event) -> None:
         self._emit(FleetUnreachable(refused=True))
 
     def _connect_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
-        if event.timer is not Timer.CONNECT:
+        if event.timer is not _CONNECT_TIMER:
             raise IllegalEvent(self.state, event)
         detail = f"no connection within {self.rules.connect_timeout:g}s"
-        self._attempt_failed(Failure.CONN_FAILURE, detail, refused=False)
+        self._attempt_failed(_CONN_FAILURE, detail, refused=False)
 
     def _response_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
-        if event.timer is not Timer.RESPONSE:
+        if event.timer is not _RESPONSE_TIMER:
             raise IllegalEvent(self.state, event)
         detail = f"no response head within {self.rules.response_timeout:g}s"
-        self._attempt_failed(Failure.RESPONSE_TIMEOUT, detail)
+        self._attempt_failed(_RESPONSE_TIMEOUT, detail)
 
     def _fleet_error(self, event: Event) -> None:
         assert isinstance(event, FleetError)
-        self._emit(_CANCEL[Timer.RESPONSE])
+        self._emit(_CANCEL[_RESPONSE_TIMER])
         self._attempt_failed(event.failure, event.detail)
 
     def _attempt_failed(
@@ -885,7 +917,7 @@ class CallMachine:
         assert fleet is not None
         self.fleet_open = False
         self._emit(DropFleet())
-        if failure is Failure.CONN_FAILURE and fleets_fault:
+        if failure is _CONN_FAILURE and fleets_fault:
             self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
         self.give_up = GIVE_UP_ANSWER[failure] if fleets_fault else local_give_up_answer(detail)
@@ -914,18 +946,18 @@ class CallMachine:
         503 connecting, 504 awaiting."""
         fleet = self.fleet
         assert fleet is not None
-        connecting = self.state is State.CONNECTING
-        waited_for = Failure.CONN_FAILURE if connecting else Failure.RESPONSE_TIMEOUT
+        connecting = self.state is _CONNECTING
+        waited_for = _CONN_FAILURE if connecting else _RESPONSE_TIMEOUT
         if not self.rules.retry.retry_failure(waited_for, self.attempt):
             return
         self.fleet_open = False
         self._emit(_CANCEL[_STAGE_TIMER[self.state]], DropFleet())
         self._release_slot()
-        self.give_up = GIVE_UP_ANSWER[Failure.CONN_FAILURE if connecting else Failure.FLEET_DOWN]
+        self.give_up = GIVE_UP_ANSWER[_CONN_FAILURE if connecting else _FLEET_DOWN]
         stage = "connected" if connecting else "answered"
         detail = f"the fleet went DOWN before it {stage}: given up, tried again"
-        self._left(Failure.FLEET_DOWN.value)
-        self._emit(LogAttemptFailed(fleet.name, self.attempt, Failure.FLEET_DOWN, detail))
+        self._left(_FLEET_DOWN.value)
+        self._emit(LogAttemptFailed(fleet.name, self.attempt, _FLEET_DOWN, detail))
         fleet.retries += 1
         self.retried_from = fleet
         self._take_slot()
@@ -934,7 +966,7 @@ class CallMachine:
         assert isinstance(event, FleetHead)
         fleet = self.fleet
         assert fleet is not None
-        self._emit(_CANCEL[Timer.RESPONSE])
+        self._emit(_CANCEL[_RESPONSE_TIMER])
         fleet.responses[event.status] += 1
         if event.status == 429 and not event.switched:
             self._emit(FleetFull())  # before its slot may go back (a retry)
@@ -949,29 +981,29 @@ class CallMachine:
             return
         self.status = event.status
         if event.switched:
-            self.state = State.TUNNEL
+            self.state = _TUNNEL
             fleet.calls_total += 1
             self._emit(_LINK)  # switched: a 101
         else:
-            self.state = State.RELAYING
-            self._end(EndReason.REFUSED)
+            self.state = _RELAYING
+            self._end(_END_REFUSED)
             self._emit(Relay(event.status))
 
     def _setup_failed(self, event: Event) -> None:
-        if self.state in (State.CONNECTING, State.AWAITING):
+        if self.state in (_CONNECTING, _AWAITING):
             self.fleet_open = False
             self._emit(_CANCEL[_STAGE_TIMER[self.state]], DropFleet())
-        elif self.state is State.LEASING:
+        elif self.state is _LEASING:
             self._emit(CancelSlotWait())
         self._release_slot()
-        self._end(EndReason.ERROR)  # before the answer's REFUSED: the ingress failed
+        self._end(_END_ERROR)  # before the answer's REFUSED: the ingress failed
         self._answer(502, "internal error while connecting the call")
 
     def _carrier_lost_in_setup(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         self.carrier_open = False
-        self._end_lost(Side.CARRIER, event)
-        if self.state is State.LEASING:
+        self._end_lost(_CARRIER, event)
+        if self.state is _LEASING:
             self._emit(CancelSlotWait())
         else:
             self.fleet_open = False
@@ -982,14 +1014,14 @@ class CallMachine:
     def _end_requested_in_setup(self, event: Event) -> None:
         assert isinstance(event, EndRequested)
         self._end(event.reason)
-        if self.state is State.LEASING:
+        if self.state is _LEASING:
             self._emit(CancelSlotWait())
         else:
             self.fleet_open = False
             self._emit(_CANCEL[_STAGE_TIMER[self.state]], DropFleet())
         # The slot goes back with the carrier (CarrierLost in CLOSING), as the
         # call holds it until then: a forced removal waits for both.
-        self.state = State.CLOSING
+        self.state = _CLOSING
         if self.carrier_open and event.reason not in _ABORTED_CARRIER:
             # Its request is answered, as every refusal is (SPEC 4): closed
             # bare, a carrier queued or connecting at a drain's end read no
@@ -1016,8 +1048,8 @@ class CallMachine:
             # "carrier_silent" (the WebSocket shapes check of session 37).
             self.reply_due_from = None
             self._end(self.hung_up_by)
-            self.state = State.CLOSING
-            self._emit(_CLOSE[Side.CARRIER], _CLOSE[Side.FLEET])
+            self.state = _CLOSING
+            self._emit(_CLOSE[_CARRIER], _CLOSE[_FLEET])
 
     def _side_finished(self, event: Event) -> None:
         """A side that sent its close frame and then finished sending (TLS
@@ -1028,10 +1060,10 @@ class CallMachine:
         assert isinstance(event, SideFinished)
         if self.reply_due_from is not _OTHER[event.side]:
             return
-        self._end(self._lost_reason(event.side, Lost.CLOSED))
-        self.state = State.HALF_CLOSED
+        self._end(self._lost_reason(event.side, _LOST_CLOSED))
+        self.state = _HALF_CLOSED
         self._emit(_HALF_CLOSED_GRACE)
-        if event.side is Side.FLEET:
+        if event.side is _FLEET:
             # The bot hung up and is done (its close frame, then its FIN or
             # close_notify): the fleet's capacity is free now (SPEC 4), not
             # when the carrier's reply comes or the grace passes. After its
@@ -1053,20 +1085,20 @@ class CallMachine:
             self._close_both()
 
     def _half_closed_timer(self, event: Event) -> None:
-        assert isinstance(event, TimerFired) and event.timer is Timer.HALF_CLOSED
-        self.state = State.CLOSING
-        self._emit(_CLOSE[Side.CARRIER], _CLOSE[Side.FLEET])
+        assert isinstance(event, TimerFired) and event.timer is _HALF_CLOSED_TIMER
+        self.state = _CLOSING
+        self._emit(_CLOSE[_CARRIER], _CLOSE[_FLEET])
 
     def _close_both(self) -> None:
-        self.state = State.CLOSING
-        self._emit(_CANCEL[Timer.HALF_CLOSED], _CLOSE[Side.CARRIER], _CLOSE[Side.FLEET])
+        self.state = _CLOSING
+        self._emit(_CANCEL[_HALF_CLOSED_TIMER], _CLOSE[_CARRIER], _CLOSE[_FLEET])
 
     def _carrier_lost_half_closed(self, event: Event) -> None:
-        self._emit(_CANCEL[Timer.HALF_CLOSED])
+        self._emit(_CANCEL[_HALF_CLOSED_TIMER])
         self._carrier_lost_linked(event)
 
     def _fleet_lost_half_closed(self, event: Event) -> None:
-        self._emit(_CANCEL[Timer.HALF_CLOSED])
+        self._emit(_CANCEL[_HALF_CLOSED_TIMER])
         self._fleet_lost_linked(event)
 
     def _end_requested_half_closed(self, event: Event) -> None:
@@ -1078,7 +1110,7 @@ class CallMachine:
             return
         if self.reply_waited_for and event.reason in _REPLY_WAITED_FOR:
             return  # asked again (a second end-call, a drain's end): the first wait stands
-        self._emit(_CANCEL[Timer.HALF_CLOSED])
+        self._emit(_CANCEL[_HALF_CLOSED_TIMER])
         self._end_requested_linked(event)
 
     def _wait_for_the_reply(self, event: EndRequested) -> bool:
@@ -1091,35 +1123,35 @@ class CallMachine:
         (1006 to websockets), and the access line said 'drain' or 'admin'
         (the review of session 37)."""
         if (
-            self.state not in (State.TUNNEL, State.HALF_CLOSED)
+            self.state not in (_TUNNEL, _HALF_CLOSED)
             or self.reply_due_from is None
             or self.hung_up_by is None
             or event.reason not in _REPLY_WAITED_FOR
         ):
             return False
         self._end(self.hung_up_by)
-        self.state = State.HALF_CLOSED
+        self.state = _HALF_CLOSED
         self.reply_waited_for = True
         self._emit(_GOODBYE_REPLY_WAIT)
         return True
 
     def _carrier_lost_linked(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
-        tunnel = self.state is State.TUNNEL
+        tunnel = self.state is _TUNNEL
         self.carrier_open = False
-        self._end_lost(Side.CARRIER, event)
+        self._end_lost(_CARRIER, event)
         if self.fleet_open:
-            self._emit(CloseSide(Side.FLEET, self._goodbye(tunnel)))
+            self._emit(CloseSide(_FLEET, self._goodbye(tunnel)))
         self._gone_if_both()
 
     def _fleet_lost_linked(self, event: Event) -> None:
         assert isinstance(event, FleetLost)
-        tunnel = self.state is State.TUNNEL
+        tunnel = self.state is _TUNNEL
         self.fleet_open = False
-        self._end_lost(Side.FLEET, event)
+        self._end_lost(_FLEET, event)
         self._release_slot()
         if self.carrier_open:
-            self._emit(CloseSide(Side.CARRIER, self._goodbye(tunnel)))
+            self._emit(CloseSide(_CARRIER, self._goodbye(tunnel)))
         self._gone_if_both()
 
     def _goodbye(self, tunnel: bool) -> Goodbye | None:
@@ -1130,8 +1162,8 @@ class CallMachine:
         return GOODBYES.get(self.end_reason)
 
     def _answer_complete(self, event: Event) -> None:
-        self.state = State.CLOSING
-        self._emit(_CLOSE[Side.FLEET], _CLOSE[Side.CARRIER])
+        self.state = _CLOSING
+        self._emit(_CLOSE[_FLEET], _CLOSE[_CARRIER])
 
     def _end_requested_linked(self, event: Event) -> None:
         """A silent side is gone, so it is aborted rather than left to wait for a
@@ -1141,10 +1173,10 @@ class CallMachine:
         assert isinstance(event, EndRequested)
         if self._wait_for_the_reply(event):
             return
-        tunnel = self.state is State.TUNNEL
+        tunnel = self.state is _TUNNEL
         if self.end_reason is None and event.why:
             self.error_text = event.why
-        elif self.state is State.RELAYING and event.reason is EndReason.TIMEOUT:
+        elif self.state is _RELAYING and event.reason is _END_TIMEOUT:
             # The relay's watch: the fleet's answer stalled before its end, and
             # the carrier gets it cut short ("refused" alone hid that).
             self.error_text = (
@@ -1153,29 +1185,29 @@ class CallMachine:
             )
         self._end(event.reason)
         goodbye = self._goodbye(tunnel)
-        self.state = State.CLOSING
+        self.state = _CLOSING
         if event.reason in _ABORTED_FLEET and self.fleet_open:
             # Aborted first: the carrier's close frame then waits for no frame
             # of the fleet's that will never end (a silent fleet may have
             # stalled mid-frame).
-            self._emit(AbortSide(Side.FLEET))
+            self._emit(AbortSide(_FLEET))
             self._close_carrier(event.reason, goodbye)
             return
         self._close_carrier(event.reason, goodbye)
         if self.fleet_open:
-            self._emit(CloseSide(Side.FLEET, goodbye))
+            self._emit(CloseSide(_FLEET, goodbye))
 
     def _close_carrier(self, reason: EndReason, goodbye: Goodbye | None = None) -> None:
         if self.carrier_open:
             gone = reason in _ABORTED_CARRIER
-            self._emit(AbortSide(Side.CARRIER) if gone else CloseSide(Side.CARRIER, goodbye))
+            self._emit(AbortSide(_CARRIER) if gone else CloseSide(_CARRIER, goodbye))
 
     # Closing ---------------------------------------------------------------
 
     def _carrier_lost_closing(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         self.carrier_open = False
-        self._end_lost(Side.CARRIER, event)
+        self._end_lost(_CARRIER, event)
         if not self.fleet_open:
             self._release_slot()  # held by a call ended in its setup
         self._gone_if_both()
@@ -1183,7 +1215,7 @@ class CallMachine:
     def _fleet_lost_closing(self, event: Event) -> None:
         assert isinstance(event, FleetLost)
         self.fleet_open = False
-        self._end_lost(Side.FLEET, event)
+        self._end_lost(_FLEET, event)
         self._release_slot()
         self._gone_if_both()
 
@@ -1194,8 +1226,8 @@ class CallMachine:
         self._end(event.reason)
         self._close_carrier(event.reason)
         if self.fleet_open:
-            silent = event.reason is EndReason.FLEET_SILENT
-            self._emit(AbortSide(Side.FLEET) if silent else _CLOSE[Side.FLEET])
+            silent = event.reason is _END_FLEET_SILENT
+            self._emit(AbortSide(_FLEET) if silent else _CLOSE[_FLEET])
 
     def _ignore(self, event: Event) -> None:
         """Legal and without effect: late news about a call already ending."""

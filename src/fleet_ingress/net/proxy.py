@@ -545,6 +545,20 @@ _EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, S
 _ATTEMPT_UNDER_WAY = frozenset({State.CONNECTING, State.AWAITING})
 # Where a call is being set up: a failure there is answered 502 (`SetupFailed`).
 _SETUP_STATES = frozenset({State.LEASING, State.CONNECTING, State.AWAITING})
+# The members the pump reads, as module constants (core/call_machine.py: an Enum
+# class's attribute read is about 900 instructions in CPython 3.11).
+_HEAD = State.HEAD
+_PARSING = State.PARSING
+_HALF_CLOSED = State.HALF_CLOSED
+_ENDED = State.ENDED
+_CARRIER = Side.CARRIER
+_FLEET = Side.FLEET
+_CONNECT_TIMER = Timer.CONNECT
+_END_ERROR = EndReason.ERROR
+_LOST_CLOSED = Lost.CLOSED
+_LOST_GONE = Lost.GONE
+_LOST_RESET = Lost.RESET
+_LOST_ERROR = Lost.ERROR
 
 
 class CarrierProtocol(_Side):
@@ -638,7 +652,7 @@ class CarrierProtocol(_Side):
                 self.close_frame_read(data)
             return
         state = self.machine.state
-        if state is State.HEAD:
+        if state is _HEAD:
             self._on_head_bytes(data)
         elif state in _EARLY_BYTES_KEPT:
             # Kept reading while a fleet is found, so a carrier that hangs up
@@ -658,12 +672,13 @@ class CarrierProtocol(_Side):
     def eof_received(self) -> bool:
         if self.peer is None or not _ended_cleanly(self.transport):
             return False  # not linked: close (the loss ends what was under way)
-        self.feed(SideFinished(Side.CARRIER))
-        return self.machine.state is State.HALF_CLOSED  # the fleet's reply may follow
+        self.feed(SideFinished(_CARRIER))
+        return self.machine.state is _HALF_CLOSED  # the fleet's reply may follow
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         self.ctx.registry.connections.discard(self)
         exc = exc or self.given_up
         self.feed(CARRIER_CLOSED if exc is None else CarrierLost(*_lost(exc)))
@@ -729,8 +744,8 @@ class CarrierProtocol(_Side):
             if state in _SETUP_STATES:
                 self.feed(SetupFailed(detail))
                 return
-            if self.call is not None and state is not State.ENDED:
-                self.feed(EndRequested(EndReason.ERROR))
+            if self.call is not None and state is not _ENDED:
+                self.feed(EndRequested(_END_ERROR))
                 return
         if self.fleet_side is not None:
             self.fleet_side.abort()
@@ -801,7 +816,7 @@ class CarrierProtocol(_Side):
 
     def _parse_head(self) -> None:
         t = self.transport
-        if t is None or t.is_closing() or self.machine.state is not State.PARSING:
+        if t is None or t.is_closing() or self.machine.state is not _PARSING:
             return  # the carrier left, or the ingress is stopping
         raw, self._raw_head = self._raw_head, b""
         try:
@@ -870,7 +885,7 @@ class CarrierProtocol(_Side):
 
     def _take_slot(self, command: Command) -> None:
         assert isinstance(command, TakeSlot)
-        self._task = self._running_loop().create_task(self._lease(command.avoid))
+        self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
@@ -937,7 +952,7 @@ class CarrierProtocol(_Side):
         self._fleet = (command.fleet, spec, None)
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
-        self._task = self._running_loop().create_task(
+        self._task = (self._loop or self._running_loop()).create_task(
             self._connect(fleet_side, command.fleet, spec, underway)
         )
 
@@ -1050,7 +1065,7 @@ class CarrierProtocol(_Side):
             kept_session=offered,
             underway=underway,
             meter=ctx.registry.new_connection_cpu,
-            loop=self._running_loop(),
+            loop=self._loop or self._running_loop(),
         )
 
     def _setup_failed(self, exc: Exception) -> None:
@@ -1128,13 +1143,17 @@ class CarrierProtocol(_Side):
             log.warning(CONNECT_OUT_OF_RESOURCES, extra=fields(**values))
 
     def _stop_early_look(self) -> None:
-        if self._early_look is not None:
-            self._early_look.cancel()
-            self._early_look = None
+        """Called where one is scheduled (`_early_look` set), which few calls
+        have: called at each of a call's link, loss and unlink, it was 3.8
+        Python calls a churned call (call_profile, session 47)."""
+        look, self._early_look = self._early_look, None
+        if look is not None:
+            look.cancel()
 
     def _link(self, command: Command) -> None:
         assert isinstance(command, Link)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
@@ -1184,7 +1203,8 @@ class CarrierProtocol(_Side):
 
     def _relay(self, command: Command) -> None:
         assert isinstance(command, Relay)
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None
         call.fleet_side = fleet_side
@@ -1200,7 +1220,7 @@ class CarrierProtocol(_Side):
 
     def _close_side(self, command: Command) -> None:
         assert isinstance(command, CloseSide)
-        side = self if command.side is Side.CARRIER else self.fleet_side
+        side = self if command.side is _CARRIER else self.fleet_side
         if side is None or side.saying_goodbye:  # its close follows its goodbye
             return
         if command.goodbye is None or not self._say_goodbye(side, command.goodbye):
@@ -1256,7 +1276,7 @@ class CarrierProtocol(_Side):
 
     def _abort_side(self, command: Command) -> None:
         assert isinstance(command, AbortSide)
-        side = self if command.side is Side.CARRIER else self.fleet_side
+        side = self if command.side is _CARRIER else self.fleet_side
         if side is not None:
             side.abort()
 
@@ -1267,7 +1287,7 @@ class CarrierProtocol(_Side):
             old.cancel()
         # After a stall, the connect timer is put off only if the fleet answered
         # meanwhile (a connection made, unread): one that did not fails at once.
-        underway = self._underway if command.timer is Timer.CONNECT else None
+        underway = self._underway if command.timer is _CONNECT_TIMER else None
         answered = None if underway is None else underway.answered
         self._timers[command.timer] = PatientTimer(
             self._loop or self._running_loop(),  # set at connection_made: three a call
@@ -1325,7 +1345,8 @@ class CarrierProtocol(_Side):
     def unlink(self) -> None:
         super().unlink()
         self.fleet_side = None
-        self._stop_early_look()
+        if self._early_look is not None:
+            self._stop_early_look()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -1464,8 +1485,8 @@ class FleetProtocol(_Side):
             return False  # not in a tunnel: a relayed answer ends with the connection
         if not _ended_cleanly(self.transport):
             return False
-        pump.feed(SideFinished(Side.FLEET))
-        return pump.machine.state is State.HALF_CLOSED  # the carrier's reply may follow
+        pump.feed(SideFinished(_FLEET))
+        return pump.machine.state is _HALF_CLOSED  # the carrier's reply may follow
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -1585,12 +1606,12 @@ def _lost_kind(exc: Exception | None) -> Lost:
     """How a side's connection ended: closed by its peer, gone without a word
     (TCP user timeout, keepalive, unreachable), reset by its peer, or another error."""
     if exc is None:
-        return Lost.CLOSED
+        return _LOST_CLOSED
     if peer_gone(exc):
-        return Lost.GONE
+        return _LOST_GONE
     # A write to a side its peer has reset fails EPIPE rather than ECONNRESET.
     reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
-    return Lost.RESET if reset else Lost.ERROR
+    return _LOST_RESET if reset else _LOST_ERROR
 
 
 def _lost(exc: Exception | None) -> tuple[Lost, str]:
@@ -1600,7 +1621,7 @@ def _lost(exc: Exception | None) -> tuple[Lost, str]:
     how = _lost_kind(exc)
     if isinstance(exc, (PeerStoppedReading, PeerGaveNoAnswer)):
         return how, str(exc.strerror)
-    if how is not Lost.ERROR or exc is None:
+    if how is not _LOST_ERROR or exc is None:
         return how, ""
     return how, str(exc) or type(exc).__name__
 
