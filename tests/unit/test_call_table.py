@@ -219,8 +219,10 @@ def test_a_full_table_records_no_more_calls_and_a_freed_record_is_taken_again() 
         writer = CallTableWriter.from_env()
         assert writer is not None and CALL_TABLE_ENV not in os.environ
         assert [writer.open(n, CALL, "a") for n in (1, 2, 3)] == [True, True, False]
+        assert writer.has(1) and writer.has(2) and not writer.has(3)
         assert writer.logged(1) and not writer.logged(3)
         assert writer.over(1) and not writer.over(3)
+        assert not writer.has(1)  # over: its record is free again
         assert writer.open(4, CALL, None)
         writer.granted(4, "b")
         assert {n: (s, c["fleet"]) for n, (s, c) in read_table_fd(fd).items()} == {

@@ -176,6 +176,10 @@ class CallTableWriter:
         call_table.write_ended(self._buf, index)
         return True
 
+    def has(self, lease: int) -> bool:
+        """Whether lease `lease` has a record (`over` writes it ENDED)."""
+        return lease in self._records
+
     def over(self, lease: int) -> bool:
         """Lease `lease` is given back: ENDED and its record free again.
         Whether it had one."""

@@ -584,8 +584,8 @@ class SlotClient(asyncio.Protocol):
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
         self._logged_untold.discard(lease_id)  # the release says it
-        recorded = self.table is not None and self.table.logged(lease_id)
-        self._over(lease_id)
+        recorded = self.table is not None and self.table.has(lease_id)
+        self._over(lease_id)  # writes its record ENDED
         kept = False
         if future.done() and not future.cancelled() and future.exception() is None:
             kept = self._given_back(future.result())  # granted, never used: ours no more
@@ -598,8 +598,8 @@ class SlotClient(asyncio.Protocol):
         kept = self._given_back(lease.fleet)
         # Held only for a call with a record: it reads ENDED should this process
         # die first. Without one, the supervisor would write its line again.
-        recorded = self.table is not None and self.table.logged(lease.id)
-        self._over(lease.id)
+        recorded = self.table is not None and self.table.has(lease.id)
+        self._over(lease.id)  # writes its record ENDED
         hold = recorded and kept
         self._tell({"op": "release", "id": lease.id}, hold=hold)
 
