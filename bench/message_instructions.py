@@ -53,7 +53,9 @@ so read 26,476 and 30,172 a message (callgrind's toggles flip, not nest: a
 handshake step run outside the window, from the loop's step queue, is counted
 by it, it seems). Two runs of the same tree agree within 0.4 % (28,513 and
 28,408 instructions a message, ingress1p, main 0d2d55d3; 32,639 and 22,360
-with the handshakes in). ``--window all``: the whole process, as before
+with the handshakes in); on a quieter host main read 28,127 (1.4 % off: how
+many events one epoll_wait returns depends on the pace): compare runs made
+side by side. ``--window all``: the whole process, as before
 session 47 (comparable with the figures up to session 46, and as noisy).
 HAProxy has no such window (its streams run as tasks outside its poller): it
 is counted whole either way. ``--counter cprofile`` (ingress1p only) runs
