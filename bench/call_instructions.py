@@ -108,10 +108,12 @@ def count(
     *,
     run: str | None = None,
     target_env: dict[str, str] | None = None,
+    callgrind_options: tuple[str, ...] = (),
 ) -> Path:
     """One run under callgrind with ``calls`` counted calls; the callgrind file.
     ``run``: its directory's name under `out` (default ``nCALLS``); ``target_env``:
-    more environment for the counted process (a bench variant's switches)."""
+    more environment for the counted process (a bench variant's switches);
+    ``callgrind_options``: valgrind's, before the command (``--toggle-collect``)."""
     work = fresh_dir(out / (run or f"n{calls}"))
     tls = TLSFiles.write(work)
     env = variant_env(args.variant_pythonpath)
@@ -129,7 +131,7 @@ def count(
         counter = (
             ["strace", "-f", "-c", "-o", str(cg)]
             if args.counter == "strace"
-            else callgrind.argv(cg)
+            else callgrind.argv(cg, *callgrind_options)
         )
         if args.target == "haproxy":
             binary = haproxy_binary()

@@ -168,9 +168,10 @@ def serve_profiled(config: Path, stats: Path) -> None:
         profiler.dump_stats(str(stats))
 
 
-def profile_run(calls: int, out: Path, args: argparse.Namespace) -> Path:
-    """One profiled run with ``calls`` counted calls (after WARMUP): its stats file."""
-    work = fresh_dir(out / f"n{calls}")
+def profile_run(calls: int, out: Path, args: argparse.Namespace, *, run: str | None = None) -> Path:
+    """One profiled run with ``calls`` counted calls (after WARMUP): its stats file.
+    ``run``: its directory's name under `out` (default ``nCALLS``)."""
+    work = fresh_dir(out / (run or f"n{calls}"))
     tls = TLSFiles.write(work)
     stats = work / "ingress.prof"
     with Launched(work, variant_env(args.variant_pythonpath)) as launched:

@@ -24,6 +24,45 @@ is not (callgrind counts user space). Targets::
     python -m bench.message_instructions --counter strace --out /tmp/ms
     python -m bench.message_instructions --targets ingress1p --variant-pythonpath B/src --out /tmp/m
 
+What is counted (``--window``, callgrind). The difference between the runs
+also holds work that falls neither on messages nor equally in both runs:
+
+- TLS handshakes. The same calls make as many in each run, but whether a
+  fleet connection resumes a kept session or makes a full handshake depends
+  on when the sessions came (20 calls opened at once): two runs of the same
+  tree differed by 20 M instructions of ``SSL_do_handshake`` at M1 alone,
+  4,000 to 6,000 instructions a message of the difference either way
+  (session 47, main 0d2d55d3);
+- the event loop's timers (the silence and dead-peer sweeps, the loop-lag
+  probe, flush timers) and what they schedule with call_soon (uvloop's idle
+  handles): they fall on wall time, and under callgrind (about 50x slower
+  than real time) M2's run lasts seconds longer than M1's: 2,505 (timers) and
+  2,945 (idle handles) instructions a message of ingress1p's in one run;
+- start and shutdown, which wait on wall time in places.
+
+``--window io`` (the default) counts only what runs inside libuv's
+``uv__io_poll`` (callgrind's ``--toggle-collect``): the read and write events'
+callbacks, where a relayed message's work all is (its record read, handed on
+and written; the garbage collections it triggers; epoll_wait's wrapper). No
+relayed message goes through a timer or call_soon (``--counter cprofile``
+lists the Python functions a message runs: all called from the read event).
+The handshakes made inside it (``SSL_do_handshake``'s inclusive count) are
+then taken out of the total and shown apart (``handshakes``; the groups'
+columns hold them, mostly OpenSSL's). Not with a second toggle on it: two runs
+so read 26,476 and 30,172 a message (callgrind's toggles flip, not nest: a
+handshake step run outside the window, from the loop's step queue, is counted
+by it, it seems). Two runs of the same tree agree within 0.4 % (28,513 and
+28,408 instructions a message, ingress1p, main 0d2d55d3; 32,639 and 22,360
+with the handshakes in); on a quieter host main read 28,127 (1.4 % off: how
+many events one epoll_wait returns depends on the pace): compare runs made
+side by side. ``--window all``: the whole process, as before
+session 47 (comparable with the figures up to session 46, and as noisy).
+HAProxy has no such window (its streams run as tasks outside its poller): it
+is counted whole either way. ``--counter cprofile`` (ingress1p only) runs
+bench/call_profile.py's profiled ingress on the same load and prints the
+Python functions a message calls (a whole call each; time-driven ones show as
+a fraction of a call a message).
+
 Prints a table: per message, all instructions, then by shared object (each
 one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
 the C relay, haproxy, the rest: ``???``, ``_ssl``, ``_ctypes``, libffi), or the
@@ -35,11 +74,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
+import re
 import runpy
 import sys
 from pathlib import Path
 
 from bench.call_instructions import OPENSSL_OBJECTS, WARMUP, count, syscalls, totals
+from bench.call_profile import (
+    Cost,
+    Key,
+    costs_of,
+    format_rows,
+    label,
+    per_call,
+    per_call_time,
+    profile_run,
+    top,
+)
 
 TARGETS: dict[str, tuple[str, dict[str, str]]] = {
     "haproxy": ("haproxy", {}),
@@ -70,10 +122,32 @@ def group(shared_object: str) -> str:
     return "other"
 
 
+# libuv's poll phase: every read and write event's callback runs inside it.
+IO_WINDOW = "uv__io_poll"
+# OpenSSL's handshake (callgrind_annotate's row, its inclusive count): taken out.
+HANDSHAKE = "SSL_do_handshake"
+
+
+def window_options(window: str, base: str) -> tuple[str, ...]:
+    """callgrind's options for ``--window``: collect inside uv__io_poll only
+    (`io`, a uvloop target), or everything (`all`; haproxy always)."""
+    if window == "io" and base != "haproxy":
+        return (f"--toggle-collect={IO_WINDOW}",)
+    return ()
+
+
+def handshake_instructions(inclusive: dict[str, int]) -> int:
+    """``SSL_do_handshake``'s inclusive instructions, from totals()' rows."""
+    return sum(v for k, v in inclusive.items() if k.split(" [")[0].endswith(f":{HANDSHAKE}"))
+
+
 def per_message_instructions(files: list[Path], messages: int) -> dict[str, float]:
-    """Instructions a message in all and by group of shared objects, from the two runs."""
+    """Instructions a message in all (less the handshakes': ``handshakes``) and by
+    group of shared objects (the handshakes' in them), from the two runs."""
     a, b = (totals(f) for f in files)
-    out: dict[str, float] = {"total": (b["PROGRAM TOTALS"] - a["PROGRAM TOTALS"]) / messages}
+    handshakes = (handshake_instructions(b) - handshake_instructions(a)) / messages
+    whole = (b["PROGRAM TOTALS"] - a["PROGRAM TOTALS"]) / messages
+    out: dict[str, float] = {"total": whole - handshakes, "handshakes": handshakes}
     by_object: dict[str, float] = {}
     for key in set(a) | set(b):
         if key.startswith("self in ["):
@@ -90,6 +164,46 @@ def per_message_syscalls(files: list[Path], messages: int) -> dict[str, float]:
     return {k: (b.get(k, 0) - a.get(k, 0)) / messages for k in set(a) | set(b)}
 
 
+def without_addresses(costs: dict[Key, Cost]) -> dict[Key, Cost]:
+    """A C function's name without its type's address (``__new__ of type object at
+    0x7f...``), which differs from run to run: the two runs' rows matched."""
+    out: dict[Key, Cost] = {}
+    for (file, line, name), c in costs.items():
+        key = (file, line, _ADDRESS.sub("", name))
+        had = out.get(key, Cost(0, 0.0))
+        out[key] = Cost(had.calls + c.calls, had.own_time + c.own_time)
+    return out
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+
+
+def print_profile(targets: list[str], args: argparse.Namespace, relayed: int) -> int:
+    """``--counter cprofile``: the ingress's Python function calls a relayed message
+    (call_profile's process, the same load), by function and by module."""
+    if targets != ["ingress1p"]:
+        raise SystemExit("--counter cprofile counts ingress1p alone (--targets ingress1p)")
+    run_args = argparse.Namespace(
+        variant_pythonpath=args.variant_pythonpath, wave=args.calls,
+        max_seconds=args.max_seconds, access=None,
+    )  # fmt: skip
+    files = []
+    for m in args.messages:
+        run_args.messages = m
+        files.append(profile_run(args.calls, args.out / "ingress1p", run_args, run=f"m{m}"))
+    a, b = (without_addresses(costs_of(pstats.Stats(str(f)).stats)) for f in files)
+    per = per_call(a, b, relayed)
+    own = per_call_time(per)
+    calls = sum(c.calls for c in per.values())
+    print(f"Python calls a relayed message ({relayed} messages between the runs): {calls:,.2f}")
+    print(f"top {args.top} functions: calls a message, share of own (tottime) time")
+    print("\n".join(format_rows(top({label(k): c for k, c in per.items()}, args.top), own)))
+    (args.out / "per_message_cprofile.json").write_text(
+        json.dumps({label(k): [c.calls, c.own_time] for k, c in per.items() if c.calls}, indent=1)
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(TARGETS), help=f"of {', '.join(TARGETS)}")
@@ -101,7 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         "connect now and then: 'closed before 101')",
     )
     p.add_argument("--messages", type=int, nargs=2, default=[10, 60], metavar=("M1", "M2"))
-    p.add_argument("--counter", choices=("callgrind", "strace"), default="callgrind")
+    p.add_argument("--counter", choices=("callgrind", "strace", "cprofile"), default="callgrind")
+    p.add_argument(
+        "--window",
+        choices=("io", "all"),
+        default="io",
+        help="callgrind: count inside uv__io_poll, not in SSL_do_handshake (io: no timers, "
+        "call_soon, handshakes, start or stop), or the whole process (all, as before session "
+        "47); HAProxy whole either way",
+    )
+    p.add_argument("--top", type=int, default=40, help="functions listed (--counter cprofile)")
     p.add_argument("--max-seconds", type=float, default=900.0, help="bound of one run")
     p.add_argument(
         "--variant-pythonpath",
@@ -120,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     m1, m2 = args.messages
     relayed = (args.calls + WARMUP) * (m2 - m1) * 2
     results: dict[str, dict[str, float]] = {}
+    if args.counter == "cprofile":
+        return print_profile(targets, args, relayed)
     for name in targets:
         base, env = TARGETS[name]
         run_args = argparse.Namespace(
@@ -129,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         files = []
         for m in (m1, m2):
             run_args.messages = m
-            files.append(count(args.calls, args.out / name, run_args, run=f"m{m}", target_env=env))
+            options = window_options(args.window, base) if args.counter == "callgrind" else ()
+            cg = count(args.calls, args.out / name, run_args, run=f"m{m}", target_env=env,
+                       callgrind_options=options)  # fmt: skip
+            files.append(cg)
         if args.counter == "strace":
             results[name] = per_message_syscalls(files, relayed)
         else:
@@ -137,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'objects'})}")
         # After each target: a later one that fails leaves the earlier ones' counts.
         (args.out / f"per_message_{args.counter}.json").write_text(json.dumps(results, indent=1))
-    print(f"\nper relayed message ({relayed} messages between the runs), {args.counter}:")
+    window = f", window {args.window}" if args.counter == "callgrind" else ""
+    print(f"\nper relayed message ({relayed} messages between the runs), {args.counter}{window}:")
     if args.counter == "strace":
         names = sorted({k for r in results.values() for k in r if k != "total"})
         names = [n for n in names if any(abs(r.get(n, 0)) >= 0.01 for r in results.values())]
@@ -146,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = " | ".join(f"{r.get(n, 0):.2f}" for n in names)
             print(f"| {t} | {r['total']:.2f} | {cells} |")
     else:
-        cols = ["total", *(g for g, _ in GROUPS), "other"]
+        cols = ["total", "handshakes", *(g for g, _ in GROUPS), "other"]
         print("| target | " + " | ".join(cols) + " |")
         for t, r in results.items():
             print(f"| {t} | " + " | ".join(f"{r.get(c, 0):,.0f}" for c in cols) + " |")

@@ -113,9 +113,17 @@ class FrameTracker:
     def gave_up(self) -> bool:
         return self.need >= GAVE_UP
 
-    def feed(self, data: Buffer, n: int | None = None) -> None:
+    def feed(self, data: Buffer, n: int | None = None) -> int:
         """`data` was relayed, in this direction (`n`: its length, when the
-        caller has it: a relayed read's hot path)."""
+        caller has it: a relayed read's hot path). Returns nonzero when the
+        caller is to look at this read for a close frame: one started in this
+        direction (`closed`; 0 for a read of one whole frame other than a
+        close frame: one before it was whole in an earlier read, and returned
+        nonzero there), or the tracker gave up (`gave_up`: the direction is
+        untracked from now on, a read alone may be a close frame). The hot
+        path's one look after a read, where it read `closed` and then took
+        the untracked direction's lone-read check too (about 150
+        instructions a read less, callgrind, session 47)."""
         if n is None:
             n = len(data)
         need = self.need
@@ -128,22 +136,26 @@ class FrameTracker:
                 pass
             else:
                 if _BYTES_BUT_LENGTH16[second] + _LENGTH16[second] * length16 == n:
-                    if first == _CLOSE_FIRST_BYTE:
-                        self.closed = CLOSE_WHOLE
                     if self.spare < SPARE_FRAMES:
                         self._refill(max_frames(n) - 1)
-                    return
+                    if first == _CLOSE_FIRST_BYTE:
+                        self.closed = CLOSE_WHOLE
+                        return CLOSE_WHOLE
+                    # Any close frame before this one was whole before it, and
+                    # seen then: nothing to look at.
+                    return 0
         elif need >= n:  # inside a frame's payload (or given up)
             if need < GAVE_UP:
                 self.need = need - n
                 if self.spare < SPARE_FRAMES:  # no frame start: its allowance unused
                     self._refill(max_frames(n))
-            return
+                return self.closed
+            return need  # given up
         if self.partial:
             end = self._end_of_split_header(data)
             if end is None:
                 self.partial += bytes(data)
-                return
+                return self.closed
             if self.partial[0] == _CLOSE_FIRST_BYTE:
                 self.closed = CLOSE_WHOLE if end <= n else CLOSE_STARTED
             self.partial = b""
@@ -153,10 +165,11 @@ class FrameTracker:
                 self.closed = CLOSE_WHOLE
             if self.spare < SPARE_FRAMES:
                 self._refill(max_frames(n) - 1)
-            return
+            return self.closed
         elif self.closed == CLOSE_STARTED:  # the close frame under way ends in this read
             self.closed = CLOSE_WHOLE
         self._walk(data, need, n)
+        return self.closed or self.need >= GAVE_UP
 
     def boundary_in(self, data: Buffer) -> int:
         """Where the frame under way ends in `data` (about to be relayed, not

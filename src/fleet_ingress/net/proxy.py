@@ -644,10 +644,9 @@ class CarrierProtocol(_Side):
             self.bytes_received += n
             peer.write(data)
             if (tracker := self.tracker) is not None:
-                tracker.feed(data, n)
-                if tracker.closed:
+                if tracker.feed(data, n):  # a close frame started, or it gave up
                     self.close_frame_read(data)
-                    return
+                return
             if n <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
@@ -1417,10 +1416,9 @@ class FleetProtocol(_Side):
             self.bytes_received += n
             peer.write(data)
             if (tracker := self.tracker) is not None:
-                tracker.feed(data, n)
-                if tracker.closed:
+                if tracker.feed(data, n):  # a close frame started, or it gave up
                     self.close_frame_read(data)
-                    return
+                return
             if n <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
@@ -1573,10 +1571,11 @@ def _ended_cleanly(transport: asyncio.Transport | None) -> bool:
 def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
     """Whether a read is one whole WebSocket close frame (opcode 8, FIN), as a
     side sends it alone as it hangs up (masked from the carrier, a client; not
-    from the fleet): what tells an untracked direction's close. Only the first
-    byte was looked at on the hot path; a record of a message's payload may
-    start with 0x88 too, and is not one."""
-    if len(data) < 2:
+    from the fleet): what tells an untracked direction's close. A record of a
+    message's payload may start with 0x88 too, and is not one. Its first byte
+    is looked at here too: a direction whose tracker gave up comes here with
+    every read (`FrameTracker.feed`'s return), not only one starting 0x88."""
+    if len(data) < 2 or data[0] != _CLOSE_FRAME_FIRST_BYTE:
         return False
     second = data[1]
     length = second & 0x7F
