@@ -61,6 +61,24 @@ fails, as ``TLSConnection._read`` does:
   write buffer, flow control) or fails. Built on demand
   (bench/c_relay/build.py: the host's cc, this Python's headers, the libssl
   ``_ssl`` uses); the splice exits saying why when it cannot be built.
+- ``BARE_BIO_COALESCE=1``: a read event reads records while the socket has
+  them (up to ``MAX_READS_PER_WAKE``, and while the shared buffer has room for
+  a whole record: 64 KiB at most), stopping at the first ``SSLWantReadError``
+  (the cost of asking), into one buffer, then hands them to the peer in one
+  ``data_received`` -> one ``write``: one SSL_write, one record of up to
+  16 KiB, one send, as HAProxy relays what waits on a connection. Flow control
+  as the plain read: a pause stops the next wake's reads (this one's records
+  are handed on; 64 KiB at most past the high-water mark, within the write
+  buffer's bound). A read that fails after records were read hands them on
+  first, then ends as ``TLSConnection._read`` does. OpenSSL's buffers are
+  given back (``_release_buffers``) after a wake that read nothing, as the
+  plain read does at its ``SSLWantReadError``, not after every wake's last
+  read (that would be a ctypes call a wake). ``BARE_BIO_COALESCE=adaptive``:
+  the second read is tried only when this connection's last probing wake
+  found more than one record, and otherwise once every ``COALESCE_PROBE_EVERY``
+  wakes (a probe), so that at low load most wakes read once, as the plain read
+  does, with no ``SSLWantReadError`` a message. Not with the other read
+  variants.
 - ``BARE_BIO_INGRESS_TLS=1``: both sides' TLS contexts made by the ingress's own
   ``net.tls`` (``server_ssl_context``, ``fleet_ssl_context``): the same ciphers,
   groups and session tickets as a call of the ingress, so that the floor's TLS
@@ -96,12 +114,14 @@ CONNECT_TIMEOUT = 3.0
 class Side:
     """One TLS connection of a call; ``peer`` is the other one once linked."""
 
-    __slots__ = ("conn", "peer", "ssl_ptr")
+    __slots__ = ("conn", "peer", "probe_in", "ssl_ptr")
 
     def __init__(self, conn: TLSConnection) -> None:
         self.conn = conn
         self.peer: Side | None = None
         self.ssl_ptr = _ssl_pointer(conn) if _VARIANT["read_ahead"] else 0
+        # BARE_BIO_COALESCE=adaptive: wakes to read once before the next probe.
+        self.probe_in = 0
 
     def data_received(self, data: memoryview) -> None:
         peer = self.peer
@@ -394,6 +414,98 @@ def _read_variant(self: TLSConnection) -> None:
         self._loop.call_soon(self._on_readable)
 
 
+# BARE_BIO_COALESCE: "1" (every wake reads until SSLWantReadError) or "adaptive".
+_COALESCE = os.environ.get("BARE_BIO_COALESCE", "")
+# A record's plaintext at most: a wake reads on while the buffer has room for one
+# (so every read takes a record whole and OpenSSL holds nothing back).
+RECORD_ROOM = 16 * 1024
+# BARE_BIO_COALESCE=adaptive: a connection whose last probe found one record reads
+# once a wake, and probes again (reads until SSLWantReadError) this many wakes on.
+COALESCE_PROBE_EVERY = 8
+# What stopped a wake's reads, apart from an exception kept as it is.
+_WANT_READ = "want_read"
+_WANT_WRITE = "want_write"
+_ZERO = "zero"  # close_notify (n == 0 or SSLZeroReturnError)
+_BOUND = "bound"  # the wake's records or the buffer's room: the next wake reads on
+
+
+def _read_coalesced(self: TLSConnection) -> None:
+    """``TLSConnection._read``, the records a wake finds read into one buffer and
+    handed to the handler in one ``data_received`` (``BARE_BIO_COALESCE``)."""
+    handler = self._handler
+    if handler is None:  # a write that wanted a read, before start(): read later
+        self._sync_io(eager=True)
+        return
+    sslobj = self._sslobj
+    buf = tls_socket._READ_BUFFER
+    size = len(buf)
+    side = handler if isinstance(handler, Side) else None
+    probe = True
+    if side is not None and _COALESCE == "adaptive":
+        if side.probe_in:
+            side.probe_in -= 1
+            probe = False
+    n = records = 0
+    stop: object = _BOUND
+    while True:
+        try:
+            got = sslobj.read(size - n, buf[n:])
+        except ssl.SSLWantReadError:
+            stop = _WANT_READ
+            break
+        except ssl.SSLWantWriteError:
+            stop = _WANT_WRITE
+            break
+        except ssl.SSLZeroReturnError:
+            stop = _ZERO
+            break
+        except OSError as exc:  # SSLEOFError and the rest: handled after the hand-off
+            stop = exc
+            break
+        if got == 0:
+            stop = _ZERO
+            break
+        n += got
+        records += 1
+        if not probe or records >= tls_socket.MAX_READS_PER_WAKE or size - n < RECORD_ROOM:
+            break
+    if side is not None and probe and _COALESCE == "adaptive":
+        side.probe_in = 0 if records > 1 else COALESCE_PROBE_EVERY
+    if n:
+        _COALESCED[0] += 1
+        _COALESCED[1] += records
+        handler.data_received(buf[:n])
+        # A handler that closed the connection: nothing more for it.
+        if self._state is not _OPEN:
+            return
+    if stop is _WANT_READ:
+        if not n:
+            self._release_buffers()
+    elif stop is _BOUND:
+        # Each read asked for room for a whole record: only one that filled the
+        # buffer may have left part of a record in OpenSSL, which no poll reports.
+        if n == size and not self._paused and sslobj.pending():
+            self._loop.call_soon(self._read_event)
+    elif stop is _WANT_WRITE:
+        # OpenSSL must write before it can read on: stop polling for reads.
+        self._want_write_for_read = self._detour = True
+        self._sync_io()
+    elif stop is _ZERO:
+        self._peer_ended(clean=True)
+    elif isinstance(stop, ssl.SSLEOFError):
+        if stop.reason is None:  # the socket failed, not a FIN
+            self._finish(tls_socket._with_errno(stop, self._sock))
+        else:
+            self._peer_ended(clean=False)
+    else:
+        assert isinstance(stop, OSError)
+        self._finish(stop)
+
+
+# Wakes that handed records on, and the records they read: said on stderr at the stop.
+_COALESCED = [0, 0]
+
+
 _resume_public = TLSConnection.resume_reading
 
 
@@ -512,7 +624,16 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
         for ctx in contexts:
             _set_read_ahead(ctx)
         TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
-    if any(_VARIANT.values()):
+    if _COALESCE:
+        if _COALESCE not in ("1", "adaptive"):
+            raise SystemExit(f"BARE_BIO_COALESCE={_COALESCE!r}: write 1 or adaptive")
+        if any(_VARIANT.values()):
+            raise SystemExit(
+                "BARE_BIO_COALESCE: not with BARE_BIO_FUSED, _DRAIN, _READ_AHEAD or _C_RELAY "
+                "(each replaces the same read)"
+            )
+        TLSConnection._read = _read_coalesced  # type: ignore[method-assign]
+    elif any(_VARIANT.values()):
         TLSConnection._read = _read_variant  # type: ignore[method-assign]
 
 
@@ -551,6 +672,12 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
                 f"BARE_BIO_C_RELAY: {_RELAYED[0]} records relayed in C, {_RELAYED[1]} "
                 f"events or failures handed to Python (connections closed), {_RELAYED[2]} "
                 "C writes unfinished (the peer's buffer)",
+                file=sys.stderr,
+            )
+        if _COALESCE:
+            print(
+                f"BARE_BIO_COALESCE={_COALESCE}: {_COALESCED[1]} records read in "
+                f"{_COALESCED[0]} wakes that handed records on",
                 file=sys.stderr,
             )
 
