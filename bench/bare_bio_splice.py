@@ -76,9 +76,9 @@ fails, as ``TLSConnection._read`` does:
   read (that would be a ctypes call a wake). ``BARE_BIO_COALESCE=adaptive``:
   the second read is tried only when this connection's last probing wake
   found more than one record, and otherwise once every ``COALESCE_PROBE_EVERY``
-  wakes (a probe), so that at low load most wakes read once, as the plain read
-  does, with no ``SSLWantReadError`` a message. Not with the other read
-  variants.
+  wakes (a probe; ``BARE_BIO_COALESCE_PROBE=N`` sets it), so that at low
+  load most wakes read once, as the plain read does, with no
+  ``SSLWantReadError`` a message. Not with the other read variants.
 - ``BARE_BIO_INGRESS_TLS=1``: both sides' TLS contexts made by the ingress's own
   ``net.tls`` (``server_ssl_context``, ``fleet_ssl_context``): the same ciphers,
   groups and session tickets as a call of the ingress, so that the floor's TLS
@@ -420,8 +420,10 @@ _COALESCE = os.environ.get("BARE_BIO_COALESCE", "")
 # (so every read takes a record whole and OpenSSL holds nothing back).
 RECORD_ROOM = 16 * 1024
 # BARE_BIO_COALESCE=adaptive: a connection whose last probe found one record reads
-# once a wake, and probes again (reads until SSLWantReadError) this many wakes on.
-COALESCE_PROBE_EVERY = 8
+# once a wake, and probes again (reads until SSLWantReadError) this many wakes on
+# (BARE_BIO_COALESCE_PROBE=N: a huge N never probes after a connection's first wake,
+# the variant's own cost at one read a wake, its SSLWantReadError apart).
+COALESCE_PROBE_EVERY = int(os.environ.get("BARE_BIO_COALESCE_PROBE", "8"))
 # What stopped a wake's reads, apart from an exception kept as it is.
 _WANT_READ = "want_read"
 _WANT_WRITE = "want_write"
