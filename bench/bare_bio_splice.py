@@ -416,6 +416,7 @@ def _read_variant(self: TLSConnection) -> None:
 
 # BARE_BIO_COALESCE: "1" (every wake reads until SSLWantReadError) or "adaptive".
 _COALESCE = os.environ.get("BARE_BIO_COALESCE", "")
+_ADAPTIVE = _COALESCE == "adaptive"
 # A record's plaintext at most: a wake reads on while the buffer has room for one
 # (so every read takes a record whole and OpenSSL holds nothing back).
 RECORD_ROOM = 16 * 1024
@@ -426,14 +427,15 @@ RECORD_ROOM = 16 * 1024
 COALESCE_PROBE_EVERY = int(os.environ.get("BARE_BIO_COALESCE_PROBE", "8"))
 # What stopped a wake's reads, apart from an exception kept as it is.
 _WANT_READ = "want_read"
-_WANT_WRITE = "want_write"
-_ZERO = "zero"  # close_notify (n == 0 or SSLZeroReturnError)
+_ZERO = "zero"  # close_notify (n == 0)
 _BOUND = "bound"  # the wake's records or the buffer's room: the next wake reads on
 
 
 def _read_coalesced(self: TLSConnection) -> None:
     """``TLSConnection._read``, the records a wake finds read into one buffer and
-    handed to the handler in one ``data_received`` (``BARE_BIO_COALESCE``)."""
+    handed to the handler in one ``data_received`` (``BARE_BIO_COALESCE``). Every
+    handler in this process is a `Side`. The first read is the plain one (the
+    whole buffer, no slice); the reads after it only on a probing wake."""
     handler = self._handler
     if handler is None:  # a write that wanted a read, before start(): read later
         self._sync_io(eager=True)
@@ -441,58 +443,59 @@ def _read_coalesced(self: TLSConnection) -> None:
     sslobj = self._sslobj
     buf = tls_socket._READ_BUFFER
     size = len(buf)
-    side = handler if isinstance(handler, Side) else None
     probe = True
-    if side is not None and _COALESCE == "adaptive":
-        if side.probe_in:
-            side.probe_in -= 1
-            probe = False
-    n = records = 0
+    if _ADAPTIVE and handler.probe_in:
+        handler.probe_in -= 1
+        probe = False
+    try:
+        n = sslobj.read(size, buf)
+    except ssl.SSLWantReadError:
+        self._release_buffers()
+        return
+    except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, OSError) as exc:
+        _read_stopped(self, exc)
+        return
+    if n == 0:
+        _read_stopped(self, _ZERO)
+        return
     stop: object = _BOUND
-    while True:
-        try:
-            got = sslobj.read(size - n, buf[n:])
-        except ssl.SSLWantReadError:
-            stop = _WANT_READ
-            break
-        except ssl.SSLWantWriteError:
-            stop = _WANT_WRITE
-            break
-        except ssl.SSLZeroReturnError:
-            stop = _ZERO
-            break
-        except OSError as exc:  # SSLEOFError and the rest: handled after the hand-off
-            stop = exc
-            break
-        if got == 0:
-            stop = _ZERO
-            break
-        n += got
-        records += 1
-        if not probe or records >= tls_socket.MAX_READS_PER_WAKE or size - n < RECORD_ROOM:
-            break
-    if side is not None and probe and _COALESCE == "adaptive":
-        side.probe_in = 0 if records > 1 else COALESCE_PROBE_EVERY
-    if n:
+    if probe:
+        records = 1
+        while records < tls_socket.MAX_READS_PER_WAKE and size - n >= RECORD_ROOM:
+            try:
+                got = sslobj.read(size - n, buf[n:])
+            except ssl.SSLWantReadError:
+                stop = _WANT_READ
+                break
+            except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, OSError) as exc:
+                stop = exc  # handled after the hand-off
+                break
+            if got == 0:
+                stop = _ZERO
+                break
+            n += got
+            records += 1
+        if _ADAPTIVE:
+            handler.probe_in = 0 if records > 1 else COALESCE_PROBE_EVERY
         _COALESCED[0] += 1
         _COALESCED[1] += records
-        handler.data_received(buf[:n])
-        # A handler that closed the connection: nothing more for it.
-        if self._state is not _OPEN:
-            return
-    if stop is _WANT_READ:
-        if not n:
-            self._release_buffers()
-    elif stop is _BOUND:
-        # Each read asked for room for a whole record: only one that filled the
-        # buffer may have left part of a record in OpenSSL, which no poll reports.
-        if n == size and not self._paused and sslobj.pending():
-            self._loop.call_soon(self._read_event)
-    elif stop is _WANT_WRITE:
+    handler.data_received(buf[:n])
+    # Stopped by a bound or the socket's end of records: the next wake reads on
+    # (each read asked for room for a whole record: OpenSSL holds none back, and
+    # the poll reports what is on the socket). A handler that closed the
+    # connection: nothing more for it.
+    if stop is not _BOUND and stop is not _WANT_READ and self._state is _OPEN:
+        _read_stopped(self, stop)
+
+
+def _read_stopped(self: TLSConnection, stop: object) -> None:
+    """What ended a wake's reads (after its records were handed on), handled as
+    ``TLSConnection._read`` handles it."""
+    if isinstance(stop, ssl.SSLWantWriteError):
         # OpenSSL must write before it can read on: stop polling for reads.
         self._want_write_for_read = self._detour = True
         self._sync_io()
-    elif stop is _ZERO:
+    elif stop is _ZERO or isinstance(stop, ssl.SSLZeroReturnError):
         self._peer_ended(clean=True)
     elif isinstance(stop, ssl.SSLEOFError):
         if stop.reason is None:  # the socket failed, not a FIN
@@ -504,7 +507,7 @@ def _read_coalesced(self: TLSConnection) -> None:
         self._finish(stop)
 
 
-# Wakes that handed records on, and the records they read: said on stderr at the stop.
+# Wakes that read on (probed), and the records they read: said on stderr at the stop.
 _COALESCED = [0, 0]
 
 
@@ -679,7 +682,7 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
         if _COALESCE:
             print(
                 f"BARE_BIO_COALESCE={_COALESCE}: {_COALESCED[1]} records read in "
-                f"{_COALESCED[0]} wakes that handed records on",
+                f"{_COALESCED[0]} wakes that read on (adaptive: the probing wakes only)",
                 file=sys.stderr,
             )
 
