@@ -61,6 +61,24 @@ fails, as ``TLSConnection._read`` does:
   write buffer, flow control) or fails. Built on demand
   (bench/c_relay/build.py: the host's cc, this Python's headers, the libssl
   ``_ssl`` uses); the splice exits saying why when it cannot be built.
+- ``BARE_BIO_COALESCE=1``: a read event reads records while the socket has
+  them (up to ``MAX_READS_PER_WAKE``, and while the shared buffer has room for
+  a whole record: 64 KiB at most), stopping at the first ``SSLWantReadError``
+  (the cost of asking), into one buffer, then hands them to the peer in one
+  ``data_received`` -> one ``write``: one SSL_write, one record of up to
+  16 KiB, one send, as HAProxy relays what waits on a connection. Flow control
+  as the plain read: a pause stops the next wake's reads (this one's records
+  are handed on; 64 KiB at most past the high-water mark, within the write
+  buffer's bound). A read that fails after records were read hands them on
+  first, then ends as ``TLSConnection._read`` does. OpenSSL's buffers are
+  given back (``_release_buffers``) after a wake that read nothing, as the
+  plain read does at its ``SSLWantReadError``, not after every wake's last
+  read (that would be a ctypes call a wake). ``BARE_BIO_COALESCE=adaptive``:
+  the second read is tried only when this connection's last probing wake
+  found more than one record, and otherwise once every ``COALESCE_PROBE_EVERY``
+  wakes (a probe; ``BARE_BIO_COALESCE_PROBE=N`` sets it), so that at low
+  load most wakes read once, as the plain read does, with no
+  ``SSLWantReadError`` a message. Not with the other read variants.
 - ``BARE_BIO_INGRESS_TLS=1``: both sides' TLS contexts made by the ingress's own
   ``net.tls`` (``server_ssl_context``, ``fleet_ssl_context``): the same ciphers,
   groups and session tickets as a call of the ingress, so that the floor's TLS
@@ -96,12 +114,14 @@ CONNECT_TIMEOUT = 3.0
 class Side:
     """One TLS connection of a call; ``peer`` is the other one once linked."""
 
-    __slots__ = ("conn", "peer", "ssl_ptr")
+    __slots__ = ("conn", "peer", "probe_in", "ssl_ptr")
 
     def __init__(self, conn: TLSConnection) -> None:
         self.conn = conn
         self.peer: Side | None = None
         self.ssl_ptr = _ssl_pointer(conn) if _VARIANT["read_ahead"] else 0
+        # BARE_BIO_COALESCE=adaptive: wakes to read once before the next probe.
+        self.probe_in = 0
 
     def data_received(self, data: memoryview) -> None:
         peer = self.peer
@@ -394,6 +414,103 @@ def _read_variant(self: TLSConnection) -> None:
         self._loop.call_soon(self._on_readable)
 
 
+# BARE_BIO_COALESCE: "1" (every wake reads until SSLWantReadError) or "adaptive".
+_COALESCE = os.environ.get("BARE_BIO_COALESCE", "")
+_ADAPTIVE = _COALESCE == "adaptive"
+# A record's plaintext at most: a wake reads on while the buffer has room for one
+# (so every read takes a record whole and OpenSSL holds nothing back).
+RECORD_ROOM = 16 * 1024
+# BARE_BIO_COALESCE=adaptive: a connection whose last probe found one record reads
+# once a wake, and probes again (reads until SSLWantReadError) this many wakes on
+# (BARE_BIO_COALESCE_PROBE=N: a huge N never probes after a connection's first wake,
+# the variant's own cost at one read a wake, its SSLWantReadError apart).
+COALESCE_PROBE_EVERY = int(os.environ.get("BARE_BIO_COALESCE_PROBE", "8"))
+# What stopped a wake's reads, apart from an exception kept as it is.
+_WANT_READ = "want_read"
+_ZERO = "zero"  # close_notify (n == 0)
+_BOUND = "bound"  # the wake's records or the buffer's room: the next wake reads on
+
+
+def _read_coalesced(self: TLSConnection) -> None:
+    """``TLSConnection._read``, the records a wake finds read into one buffer and
+    handed to the handler in one ``data_received`` (``BARE_BIO_COALESCE``). Every
+    handler in this process is a `Side`. The first read is the plain one (the
+    whole buffer, no slice); the reads after it only on a probing wake."""
+    handler = self._handler
+    if handler is None:  # a write that wanted a read, before start(): read later
+        self._sync_io(eager=True)
+        return
+    sslobj = self._sslobj
+    buf = tls_socket._READ_BUFFER
+    size = len(buf)
+    probe = True
+    if _ADAPTIVE and handler.probe_in:
+        handler.probe_in -= 1
+        probe = False
+    try:
+        n = sslobj.read(size, buf)
+    except ssl.SSLWantReadError:
+        self._release_buffers()
+        return
+    except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, OSError) as exc:
+        _read_stopped(self, exc)
+        return
+    if n == 0:
+        _read_stopped(self, _ZERO)
+        return
+    stop: object = _BOUND
+    if probe:
+        records = 1
+        while records < tls_socket.MAX_READS_PER_WAKE and size - n >= RECORD_ROOM:
+            try:
+                got = sslobj.read(size - n, buf[n:])
+            except ssl.SSLWantReadError:
+                stop = _WANT_READ
+                break
+            except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError, OSError) as exc:
+                stop = exc  # handled after the hand-off
+                break
+            if got == 0:
+                stop = _ZERO
+                break
+            n += got
+            records += 1
+        if _ADAPTIVE:
+            handler.probe_in = 0 if records > 1 else COALESCE_PROBE_EVERY
+        _COALESCED[0] += 1
+        _COALESCED[1] += records
+    handler.data_received(buf[:n])
+    # Stopped by a bound or the socket's end of records: the next wake reads on
+    # (each read asked for room for a whole record: OpenSSL holds none back, and
+    # the poll reports what is on the socket). A handler that closed the
+    # connection: nothing more for it.
+    if stop is not _BOUND and stop is not _WANT_READ and self._state is _OPEN:
+        _read_stopped(self, stop)
+
+
+def _read_stopped(self: TLSConnection, stop: object) -> None:
+    """What ended a wake's reads (after its records were handed on), handled as
+    ``TLSConnection._read`` handles it."""
+    if isinstance(stop, ssl.SSLWantWriteError):
+        # OpenSSL must write before it can read on: stop polling for reads.
+        self._want_write_for_read = self._detour = True
+        self._sync_io()
+    elif stop is _ZERO or isinstance(stop, ssl.SSLZeroReturnError):
+        self._peer_ended(clean=True)
+    elif isinstance(stop, ssl.SSLEOFError):
+        if stop.reason is None:  # the socket failed, not a FIN
+            self._finish(tls_socket._with_errno(stop, self._sock))
+        else:
+            self._peer_ended(clean=False)
+    else:
+        assert isinstance(stop, OSError)
+        self._finish(stop)
+
+
+# Wakes that read on (probed), and the records they read: said on stderr at the stop.
+_COALESCED = [0, 0]
+
+
 _resume_public = TLSConnection.resume_reading
 
 
@@ -512,7 +629,16 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
         for ctx in contexts:
             _set_read_ahead(ctx)
         TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
-    if any(_VARIANT.values()):
+    if _COALESCE:
+        if _COALESCE not in ("1", "adaptive"):
+            raise SystemExit(f"BARE_BIO_COALESCE={_COALESCE!r}: write 1 or adaptive")
+        if any(_VARIANT.values()):
+            raise SystemExit(
+                "BARE_BIO_COALESCE: not with BARE_BIO_FUSED, _DRAIN, _READ_AHEAD or _C_RELAY "
+                "(each replaces the same read)"
+            )
+        TLSConnection._read = _read_coalesced  # type: ignore[method-assign]
+    elif any(_VARIANT.values()):
         TLSConnection._read = _read_variant  # type: ignore[method-assign]
 
 
@@ -551,6 +677,12 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
                 f"BARE_BIO_C_RELAY: {_RELAYED[0]} records relayed in C, {_RELAYED[1]} "
                 f"events or failures handed to Python (connections closed), {_RELAYED[2]} "
                 "C writes unfinished (the peer's buffer)",
+                file=sys.stderr,
+            )
+        if _COALESCE:
+            print(
+                f"BARE_BIO_COALESCE={_COALESCE}: {_COALESCED[1]} records read in "
+                f"{_COALESCED[0]} wakes that read on (adaptive: the probing wakes only)",
                 file=sys.stderr,
             )
 

@@ -74,11 +74,13 @@ STEP = 30.0  # seconds any one step of a call may take under callgrind
 WARMUP = 5  # calls before the counted ones (lazy imports, first-time paths): in both runs
 
 
-async def push(port: int, tls: TLSFiles, calls: int, wave: int, messages: int) -> Recorder:
+async def push(
+    port: int, tls: TLSFiles, calls: int, wave: int, messages: int, burst: int = 1
+) -> Recorder:
     rec = Recorder()
     await echoed_calls(
         rec, FramePool.build("twilio-like"), (HOST, port), tls.carrier_context(), range(calls),
-        wave=wave, messages=messages, step=STEP,
+        wave=wave, messages=messages, step=STEP, burst=burst,
     )  # fmt: skip
     return rec
 
@@ -90,11 +92,12 @@ def warm_then_push(
     one, then `calls` counted ones (`--wave`, `--messages`), all by `deadline`.
     Returns the counted calls' seconds."""
     wait_port(port, deadline)
-    asyncio.run(push(port, tls, WARMUP, 1, args.messages))
+    burst = getattr(args, "burst", 1)  # bench.message_instructions --burst
+    asyncio.run(push(port, tls, WARMUP, 1, args.messages, burst))
     t0 = time.monotonic()
     asyncio.run(
         asyncio.wait_for(
-            push(port, tls, calls, args.wave, args.messages),
+            push(port, tls, calls, args.wave, args.messages, burst),
             max(1.0, deadline - time.monotonic()),
         )
     )

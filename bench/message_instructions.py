@@ -23,6 +23,14 @@ is not (callgrind counts user space). Targets::
     python -m bench.message_instructions --targets bare-bio@crelay,haproxy --out /tmp/mi
     python -m bench.message_instructions --counter strace --out /tmp/ms
     python -m bench.message_instructions --targets ingress1p --variant-pythonpath B/src --out /tmp/m
+    python -m bench.message_instructions --targets bare-bio,bare-bio@co,haproxy \
+        --variant co:BARE_BIO_COALESCE=1 --burst 4 --out /tmp/mc
+
+``--variant NAME:KEY=VALUE`` (repeatable) makes target ``bare-bio@NAME`` with that
+environment (a bare_bio_splice variant). ``--burst K``: each call sends K frames back
+to back (a TLS record each), then waits for their K echoes: K records wait on each
+of the proxy's connections at once, the shape of a loaded proxy, where the default
+(K = 1: a frame after the last one's echo) never has more than one.
 
 What is counted (``--window``, callgrind). The difference between the runs
 also holds work that falls neither on messages nor equally in both runs:
@@ -66,7 +74,11 @@ a fraction of a call a message).
 Prints a table: per message, all instructions, then by shared object (each
 one's own instructions: OpenSSL = libssl + libcrypto, libpython, uvloop, libc,
 the C relay, haproxy, the rest: ``???``, ``_ssl``, ``_ctypes``, libffi), or the
-system calls by name; the JSON file in ``--out`` has every shared object.
+system calls by name; the JSON file in ``--out`` has every shared object. With
+callgrind, a second table: calls a message to OpenSSL's read and write
+(``SSL_read`` + ``SSL_read_ex``, one a record read or a read that found none;
+``SSL_write`` + ``SSL_write_ex``, one a record written for writes under 16 KiB)
+and the epoll waits.
 """
 
 from __future__ import annotations
@@ -159,6 +171,36 @@ def per_message_instructions(files: list[Path], messages: int) -> dict[str, floa
     return out
 
 
+# Functions whose calls a message are counted from the callgrind files: OpenSSL's
+# read and write entry points (CPython's _ssl calls the _ex ones, HAProxy the others)
+# and the loop's waits.
+COUNTED_CALLS = {
+    "SSL reads": ("SSL_read", "SSL_read_ex"),
+    "SSL writes": ("SSL_write", "SSL_write_ex"),
+    "epoll waits": ("epoll_wait", "epoll_pwait"),
+}
+
+
+def per_message_calls(files: list[Path], messages: int) -> dict[str, float]:
+    from bench.wake_cost import calls_to
+
+    names = tuple(n for ns in COUNTED_CALLS.values() for n in ns)
+    a, b = (calls_to(f, names) for f in files)
+    return {label: sum(b[n] - a[n] for n in ns) / messages for label, ns in COUNTED_CALLS.items()}
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, dict[str, str]]]:
+    """``--variant NAME:KEY=VALUE`` options -> {"bare-bio@NAME": ("bare-bio", env)}."""
+    out: dict[str, tuple[str, dict[str, str]]] = {}
+    for spec in specs:
+        name, _, assignment = spec.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not name or not key or not eq:
+            raise ValueError(f"--variant {spec!r}: write NAME:KEY=VALUE")
+        out.setdefault(f"bare-bio@{name}", ("bare-bio", {}))[1][key] = value
+    return out
+
+
 def per_message_syscalls(files: list[Path], messages: int) -> dict[str, float]:
     a, b = (syscalls(f) for f in files)
     return {k: (b.get(k, 0) - a.get(k, 0)) / messages for k in set(a) | set(b)}
@@ -231,11 +273,30 @@ def main(argv: list[str] | None = None) -> int:
         help="a src directory first on the counted process's PYTHONPATH (another commit's "
         "src, `git archive`, compiled: python -m compileall -q DIR)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="environment of target bare-bio@NAME (repeatable), e.g. co:BARE_BIO_COALESCE=1",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="frames a call sends back to back before awaiting their echoes (default 1)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    try:
+        known = {**TARGETS, **parse_variants(args.variant)}
+    except ValueError as exc:
+        p.error(str(exc))
     targets = args.targets.split(",")
-    if unknown := [t for t in targets if t not in TARGETS]:
-        p.error(f"unknown targets {unknown}: of {', '.join(TARGETS)}")
+    if unknown := [t for t in targets if t not in known]:
+        p.error(f"unknown targets {unknown}: of {', '.join(known)} (or give --variant NAME:...)")
+    if args.burst < 1 or min(args.messages) % args.burst:
+        p.error("--burst: at least 1, and dividing M1 and M2 (whole bursts)")
     if "bare-bio@crelay" in targets:
         # bench/c_relay/build.py: built now, not under the counter.
         build = runpy.run_path(str(Path(__file__).resolve().parent / "c_relay" / "build.py"))
@@ -246,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.counter == "cprofile":
         return print_profile(targets, args, relayed)
     for name in targets:
-        base, env = TARGETS[name]
+        base, env = known[name]
         run_args = argparse.Namespace(
             target=base, counter=args.counter, variant_pythonpath=args.variant_pythonpath,
-            wave=args.calls, max_seconds=args.max_seconds, access=None,
+            wave=args.calls, max_seconds=args.max_seconds, access=None, burst=args.burst,
         )  # fmt: skip
         files = []
         for m in (m1, m2):
@@ -262,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = per_message_syscalls(files, relayed)
         else:
             results[name] = per_message_instructions(files, relayed)
-        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'objects'})}")
+            results[name]["calls"] = per_message_calls(files, relayed)  # type: ignore[assignment]
+        shown = {k: v for k, v in results[name].items() if k != "objects"}
+        print(f"{name}: {json.dumps(shown)}")
         # After each target: a later one that fails leaves the earlier ones' counts.
         (args.out / f"per_message_{args.counter}.json").write_text(json.dumps(results, indent=1))
     window = f", window {args.window}" if args.counter == "callgrind" else ""
@@ -279,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| target | " + " | ".join(cols) + " |")
         for t, r in results.items():
             print(f"| {t} | " + " | ".join(f"{r.get(c, 0):,.0f}" for c in cols) + " |")
+        print("\n| target | " + " | ".join(COUNTED_CALLS) + " |")
+        for t, r in results.items():
+            calls: dict[str, float] = r.get("calls", {})  # type: ignore[assignment]
+            print(f"| {t} | " + " | ".join(f"{calls.get(c, 0):.3f}" for c in COUNTED_CALLS) + " |")
     return 0
 
 

@@ -385,21 +385,25 @@ async def echoed_call(
     messages: int,
     step: float,
     hold: float = 0.0,
+    burst: int = 1,
 ) -> None:
     """One call for the counting scripts: ``messages`` frames from ``offset``, each sent
     after the last one's echo (so every run relays the same frames), held ``hold``
     seconds from its start, closed (1000). Each step bounded by ``step``; RuntimeError
-    if the call fails or does not end cleanly."""
+    if the call fails or does not end cleanly. ``burst``: frames sent back to back
+    (one write each: a TLS record each), then their echoes awaited together: several
+    records wait on each of the proxy's connections, as on a loaded proxy's."""
     started = time.monotonic()
     call = await open_call(rec, pool, url, path, ssl_ctx, offset, step)
     if call is None:
         raise RuntimeError(f"call {path} failed: {rec.errors}")
-    for i in range(messages):
+    for first in range(0, messages, burst):
         call.drained = asyncio.Event()
-        j = (offset + i) % len(pool.wire)
-        call.outstanding.append((time.monotonic(), pool.payload[j]))
         assert call.transport is not None
-        call.transport.write(pool.wire[j])
+        for i in range(first, min(messages, first + burst)):
+            j = (offset + i) % len(pool.wire)
+            call.outstanding.append((time.monotonic(), pool.payload[j]))
+            call.transport.write(pool.wire[j])
         async with asyncio.timeout(step):
             await call.drained.wait()
     if hold:
@@ -419,6 +423,7 @@ async def echoed_calls(
     wave: int,
     messages: int,
     step: float,
+    burst: int = 1,
 ) -> None:
     """An :func:`echoed_call` for each of ``indices`` (path ``/ws/bench-I``, frames from
     ``7 I``), ``wave`` at a time: a wave's calls all ended before the next opens."""
@@ -426,7 +431,7 @@ async def echoed_calls(
         await asyncio.gather(
             *(
                 echoed_call(rec, pool, url, f"/ws/bench-{i}", ssl_ctx, i * 7,
-                            messages=messages, step=step)
+                            messages=messages, step=step, burst=burst)
                 for i in range(start, min(indices.stop, start + wave))
             )
         )  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from bench import call_instructions
 from bench.harness.targets import Settings, render_ingress
@@ -46,3 +48,39 @@ def test_access_renders_the_line_a_production_call_writes(tmp_path) -> None:
     assert (log.access, log.level, log.format) == (True, "info", "text")
     with pytest.raises(RuntimeError, match="no \\[log\\] section"):
         call_instructions.with_access_line(config, "json")  # rendered once only
+
+
+def test_message_instructions_variants_make_bare_bio_targets() -> None:
+    from bench import message_instructions
+
+    got = message_instructions.parse_variants(
+        ["co:BARE_BIO_COALESCE=1", "once:BARE_BIO_COALESCE=adaptive", "once:X=a=b"]
+    )
+    assert got == {
+        "bare-bio@co": ("bare-bio", {"BARE_BIO_COALESCE": "1"}),
+        "bare-bio@once": ("bare-bio", {"BARE_BIO_COALESCE": "adaptive", "X": "a=b"}),
+    }
+    with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+        message_instructions.parse_variants(["co:BARE_BIO_COALESCE"])
+
+
+def test_message_instructions_counts_ssl_reads_and_writes_a_message(tmp_path) -> None:
+    """Calls to OpenSSL's read and write (either entry point) and the epoll waits, the
+    difference between two callgrind files over the messages."""
+    from bench import message_instructions
+
+    def callgrind_file(name: str, reads: int, reads_ex: int, writes: int) -> Path:
+        path = tmp_path / name
+        path.write_text(
+            "fn=(1) relay\n"
+            f"cfn=(2) SSL_read\ncalls={reads} 0\n1 10\n"
+            f"cfn=(3) SSL_read_ex\ncalls={reads_ex} 0\n1 10\n"
+            f"cfn=(4) SSL_write_ex\ncalls={writes} 0\n1 10\n"
+            "cfn=(3)\ncalls=1 0\n1 10\n"  # a later call, the name compressed
+        )
+        return path
+
+    a = callgrind_file("a", 0, 10, 10)
+    b = callgrind_file("b", 0, 310, 110)
+    got = message_instructions.per_message_calls([a, b], 100)
+    assert got == {"SSL reads": 3.0, "SSL writes": 1.0, "epoll waits": 0.0}
