@@ -2172,3 +2172,63 @@ async def test_a_hung_lone_worker_gives_back_the_slots_it_has_not_used_after_lon
             assert f.active + f.standing <= f.maxconn
     finally:
         os.close(fd)
+
+
+async def test_a_restored_worker_whose_state_lists_its_calls_has_the_ones_it_logged_forgotten():
+    """An exec carries a worker's calls (`calls_of`: leases 4 and 5, both
+    held); the worker wrote lease 4's access line during the exec, and its
+    "logged" went to the old image, unread, or waited behind "sync" (the new
+    image reads only "state" and "acquire" before it). Its "state" says it
+    holds both and lists only lease 5's call as still to log ("lists_calls"):
+    lease 4's call is forgotten, so that a death of that worker without a call
+    table writes no second line for it. Fails on main (review of session 47's
+    reload47): a held call the state left out of its "calls" stayed known."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server = _next_image(4)
+    c4, c5 = {"call_id": "c4", "bot_id": "bot-4"}, {"call_id": "c5", "bot_id": "bot-5"}
+    try:
+        key = await server.adopt(
+            ours, restoring=True, worker=(77, 1), held_before=["b", "b"], calls={4: c4, 5: c5}
+        )
+        state = {
+            "op": "state",
+            "pid": 77,
+            "generation": 1,
+            "held": [[4, "b"], [5, "b"]],
+            "waiting": [],
+            "lists_calls": True,
+            "calls": [[5, c5]],
+        }
+        await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
+        await eventually(lambda: [r.calls for r in server.slots.workers] == [2])
+        assert set(server.calls_of(key)) == {5}
+    finally:
+        theirs.close()
+        await server.close()
+
+
+async def test_a_restored_worker_whose_state_does_not_list_its_calls_keeps_them_known():
+    """The same state from a worker that does not list its calls (an older
+    release: no "lists_calls"): nothing is forgotten that it may not have logged."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server = _next_image(4)
+    c4, c5 = {"call_id": "c4", "bot_id": "bot-4"}, {"call_id": "c5", "bot_id": "bot-5"}
+    try:
+        key = await server.adopt(
+            ours, restoring=True, worker=(77, 1), held_before=["b", "b"], calls={4: c4, 5: c5}
+        )
+        state = {
+            "op": "state",
+            "pid": 77,
+            "generation": 1,
+            "held": [[4, "b"], [5, "b"]],
+            "waiting": [],
+        }
+        await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
+        await eventually(lambda: [r.calls for r in server.slots.workers] == [2])
+        assert set(server.calls_of(key)) == {4, 5}
+    finally:
+        theirs.close()
+        await server.close()

@@ -317,6 +317,19 @@ class _Channel(asyncio.Protocol):
             self.transport.write(line)
 
 
+def _told_leases(told: Any) -> set[int] | None:
+    """The leases a worker's "state" names in its "calls" ([lease, call]
+    pairs), or None when it sends no list (an older worker)."""
+    if not isinstance(told, list):
+        return None
+    leases = set()
+    for pair in told:
+        if isinstance(pair, list) and len(pair) == 2:
+            with contextlib.suppress(TypeError, ValueError):
+                leases.add(int(pair[0]))
+    return leases
+
+
 class SlotServer:
     def __init__(self, slots: HostSlots, *, view: HostView | None = None) -> None:
         self.slots = slots
@@ -1337,10 +1350,17 @@ class SlotServer:
         # it says; one whose fleet has answered is up (its "answered" may have
         # come during the exec, unread).
         open_ = {lease for lease, _ in held} | {lease for lease, _, _ in waiting}
-        self._take_told_calls(channel.key, message.get("calls"), open_)
+        told = message.get("calls")
+        self._take_told_calls(channel.key, told, open_)
         if (calls := self._calls.get(channel.key)) is not None:
-            for lease in set(calls) - open_:
-                self._forget_call(channel.key, lease)
+            # A worker that lists its calls names every one whose access line it
+            # has not written: one it leaves out it has logged (its "logged" may
+            # have been read by no image: sent to the old one, or behind "sync"),
+            # and a death of this worker now must not write a second line.
+            still = _told_leases(told) if channel.lists_calls else None
+            for lease in set(calls):
+                if lease not in open_ or (still is not None and lease not in still):
+                    self._forget_call(channel.key, lease)
             if "in_flight" in message:
                 for lease, _ in held:
                     if lease not in in_flight and (call := calls.get(lease)) is not None:
