@@ -131,6 +131,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
 
     worker_only = {n for n in host if n.startswith("fleet_ingress_worker")}
     worker_only |= {"fleet_ingress_slots_reclaimed_total", "fleet_ingress_workers_retired_total"}
+    worker_only.add("fleet_ingress_slots_granted_past_cut_total")
     worker_only.add("fleet_ingress_supervisor_task_failures_total")
     worker_only.add("fleet_ingress_supervisor_deaths_total")
     worker_only.add("fleet_ingress_supervisor_oom_kills_total")
@@ -1130,3 +1131,16 @@ def test_slots_reserved_for_standing_budgets_are_shown_per_fleet_and_per_worker(
     assert [w["reserved"] for w in snap["workers"]] == [0, 0]
     assert "reserved:" not in format_stat_table(snap)
     assert " reserved</span>" not in render_stats_page(snap)
+
+
+def test_grants_past_a_cut_lone_budget_are_a_host_counter():
+    """A lone worker's grants told after its budget's unused slots were taken
+    back (`HostSlots.grants_past_cut_total`) reach Prometheus: an operator sees
+    that a fleet's maxconn was passed, without reading the logs."""
+    *_, report = a_worker(1, pid=101, generation=1)
+    slots, view = host_with(report)
+    metrics = HostMetrics(slots, view, reloads=lambda: {}, calls_lost=lambda: 0)
+    name = "fleet_ingress_slots_granted_past_cut_total"
+    assert families(metrics.prometheus)[name] == {(): 0.0}
+    slots.grants_past_cut_total = 2
+    assert families(metrics.prometheus)[name] == {(): 2.0}

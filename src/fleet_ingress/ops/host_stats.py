@@ -658,6 +658,15 @@ class _WorkersCollector(Collector):
             value=self.slots.reclaimed_total,
         )
         yield CounterMetricFamily(
+            f"{PREFIX}_slots_granted_past_cut",
+            "Calls a lone worker granted from its budget after the supervisor had taken "
+            "the budget's unused slots back (the worker hung or stopped past "
+            "LONE_END_WAIT, then granted before it read that): counted, past a fleet's "
+            "maxconn while they last. Expected 0; anything else is worth a look at that "
+            "worker's logs.",
+            value=self.slots.grants_past_cut_total,
+        )
+        yield CounterMetricFamily(
             f"{PREFIX}_workers_retired",
             "Workers whose counters were added to the host's totals as they left.",
             value=self.view.retired_workers,

@@ -330,6 +330,8 @@ class UpgradeSequence:
         )
         supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
+        # (From a release that did not carry it: counted from here.)
+        supervisor.slots.grants_past_cut_total = int(carried.get("grants_past_cut_total", 0))
         # (From a release that did not carry them: counted from here.)
         self.web.carry_counts(carried.get("operator_connections"))
         if carried["bound_listen"] is not None:  # None after a crash: as configured
@@ -757,6 +759,7 @@ class UpgradeSequence:
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
+            "grants_past_cut_total": supervisor.slots.grants_past_cut_total,
             "operator_connections": self.web.counts_to_json(),
             "bound_listen": supervisor.bound_listen.model_dump(),
             "upgrades": list(self.statuses.values()),
