@@ -248,12 +248,19 @@ def check_reads(stream: bytes, cuts: list[int], *, views: Pick | None = None) ->
         assert said == untold.boundary_in(read) == old.boundary_in(read), where
         if not gave_up:
             assert said == parse.first_boundary(a, b), where
-        told.feed(read, n)
-        untold.feed(read)
+        look = told.feed(read, n)
+        untold_look = untold.feed(read)
         old.feed(read)
         assert _state(told) == _state(untold) == _state(old), where
+        # The hot path looks at a read for a close frame only where `feed`
+        # returns nonzero (net/proxy.py data_received, session 47): at the read
+        # that makes the close frame whole, and at every read once it gave up.
+        assert bool(look) == bool(untold_look), where
         if told_at is None and _heard(told):
             told_at = i
+            assert look, f"{where}: the close frame is whole, feed said no look"
+        if told.gave_up:
+            assert look, f"{where}: given up, feed said no look"
         if old_at is None and _heard(old):
             old_at = i
         assert told_at == old_at and _heard(untold) == _heard(told), where
