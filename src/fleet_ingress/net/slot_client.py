@@ -113,12 +113,12 @@ HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 # state, session 46): on unless INGRESS_LONE_BUDGET is "0" (to measure
 # without it). Its grants are held whatever HOLD_BUDGET_GRANTS says.
 LONE_BUDGETS = os.environ.get("INGRESS_LONE_BUDGET", "1") != "0"
-# A call about to be granted from a lone budget while the channel has bytes
-# (or its end) waiting unread waits for this end to read them first, this
-# long at most (seconds, in time this loop ran), and this many reads: a
-# "budget-end" or the channel's end waiting there means the budget is gone
-# (`SlotClient._lone_budget_current`). Past it (this end's reading paused,
-# or stalled), the call is asked of the supervisor instead.
+# A call about to be granted from a standing budget (a lone one or not) while
+# the channel has bytes (or its end) waiting unread waits for this end to read
+# them first, this long at most (seconds, in time this loop ran), and this
+# many reads: a "budget-end" or the channel's end waiting there means the
+# budget is gone (`SlotClient._budget_current`). Past it (this end's reading
+# paused, or stalled), the call is asked of the supervisor instead.
 LONE_READ_WAIT = 0.5
 LONE_READS_MOST = 4
 
@@ -317,8 +317,8 @@ class SlotClient(asyncio.Protocol):
         # "acquire", "logged" and "release" held. None: every call is told.
         self.table: CallTableWriter | None = None
         # The channel looked at, without reading it, before a grant from a
-        # lone budget (`_channel_unread`), and the futures of the calls waiting
-        # for this end to read what is there (`_lone_budget_current`).
+        # standing budget (`_channel_unread`), and the futures of the calls
+        # waiting for this end to read what is there (`_budget_current`).
         self._peek: select.poll | None = None
         self._read_waiters: list[asyncio.Future[None]] = []
 
@@ -371,8 +371,8 @@ class SlotClient(asyncio.Protocol):
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         from_budget = self._budget is not None
-        if from_budget and self._lone:
-            from_budget = await self._lone_budget_current()
+        if from_budget and self._standing:
+            from_budget = await self._budget_current()
             if not self.connected:
                 raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
@@ -409,20 +409,20 @@ class SlotClient(asyncio.Protocol):
             timer.cancel()
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
 
-    async def _lone_budget_current(self) -> bool:
-        """Whether a call may be granted from the lone budget now: nothing
+    async def _budget_current(self) -> bool:
+        """Whether a call may be granted from the standing budget now: nothing
         waits unread in the channel, or what waited was read and the budget
         is still there. The supervisor takes back the slots of a lone budget
         not dropped LONE_END_WAIT (1 s) after its "budget-end"
-        (`SlotServer._lone_wait_over`), and what is left of it once the
-        channel has ended and this process has run on (`settle_lost`): a
-        worker whose loop did not run meanwhile (SIGSTOP, a stall) gets its
-        accepts and that message, or the end, in one turn. Granted from
-        before reading them, those calls took slots given to others: maxconn
-        passed. One poll(2) a grant; a wait of a loop turn only when
-        something is there (a report asked, most often)."""
+        (`SlotServer._lone_wait_over`), and what is left of any standing one
+        once the channel has ended and this process has run on
+        (`settle_lost`): a worker whose loop did not run meanwhile (SIGSTOP,
+        a stall) gets its accepts and that message, or the end, in one turn.
+        Granted from before reading them, those calls took slots given to
+        others: maxconn passed. One poll(2) a grant; a wait of a loop turn
+        only when something is there (a report asked, most often)."""
         for _ in range(LONE_READS_MOST):
-            if self._budget is None or not self._lone:
+            if self._budget is None or not self._standing:
                 return True  # ended meanwhile: asked of the supervisor as without one
             if not self._channel_unread():
                 return True
