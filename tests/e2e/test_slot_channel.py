@@ -1726,10 +1726,17 @@ async def test_a_lone_worker_is_given_every_free_slot_and_holds_its_grants(asked
         await asyncio.sleep(0.02)
         if time.monotonic() - granted_at < ANSWERS_FLUSH / 2:
             assert read == []  # held: nothing read yet
+        # Logged while its "acquire" is held: told at once (its record reads
+        # ENDED, its slot still held), the release into the budget held.
         first.call_logged()
         first.release()  # back into the budget: held too
-        await eventually(lambda: len(read) >= 3)
-        assert read[:3] == [("acquire", first.id), ("acquire", second.id), ("release", first.id)]
+        await eventually(lambda: len(read) >= 4)
+        assert read[:4] == [
+            ("acquire", first.id),
+            ("acquire", second.id),
+            ("logged", first.id),
+            ("release", first.id),
+        ]
         assert {n: (f.active, f.standing) for n, f in fleets.items()} == {
             first.fleet.name: (0, 2),
             second.fleet.name: (1, 1),
@@ -2294,3 +2301,39 @@ async def test_a_standing_worker_cut_from_its_channel_has_its_held_grants_counte
         if fd >= 0:
             os.close(fd)
         await h.close()
+
+
+async def test_a_hung_lone_worker_keeps_the_slot_of_a_call_logged_before_its_grant_was_told(
+    asked_host, monkeypatch
+):
+    """A lone worker's call granted from its budget (its "acquire" held) whose
+    access line is written (`call_logged`: ENDED in the call table) while its
+    fleet side still closes, its slot held; then the worker hangs. LONE_END_WAIT
+    after "budget-end" the slots it has not used are taken back: this one is
+    used, and stays counted (the worker sends the held "acquire" as the call
+    is logged). On main the table read ENDED for it, its slot was taken back
+    and granted to the second worker: 2 connections on a fleet of maxconn 1
+    until the hung worker closed its own."""
+    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 0.3)
+    h = asked_host(maxconn=1, queue_timeout=1.0, lone=True)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    fd = _with_table(w1, 8)
+    h.server.live_calls = lambda k: _live_on_table(fd) if k == key else None
+    try:
+        await _lone_budget_taken(h, w1)
+        call = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})  # its acquire held
+        call.call_logged()  # its line written, its fleet side closing: the slot held
+        assert w1._transport is not None
+        w1._transport.pause_reading()  # hung: reads nothing
+        w1._cancel_flush()  # and writes nothing more
+        w2 = await h.worker(generation=2)
+        got = []
+        with contextlib.suppress(NoFleetAvailable):
+            for _ in range(2):
+                got.append(await asyncio.wait_for(w2.lease(), 3))
+        on_fleets = Counter([call.fleet.name]) + Counter(g.fleet.name for g in got)
+        assert all(n <= 1 for n in on_fleets.values()), on_fleets
+        assert len(got) == 1  # the other fleet's slot, taken back
+    finally:
+        os.close(fd)

@@ -299,6 +299,9 @@ class SlotClient(asyncio.Protocol):
         self.takes_lone = LONE_BUDGETS if lone is None else lone
         self._lone = False
         self._held_lines: list[bytes] = []
+        # Leases whose "acquire" is among `_held_lines`: granted from the
+        # budget, not told yet (`_logged` sends them at once).
+        self._held_acquires: set[int] = set()
         # Leases whose call's access line is written, its record in the table
         # ENDED, their "logged" not told yet: it rides this end's next write
         # (the call's release, a few ms later, most often), or goes
@@ -487,6 +490,7 @@ class SlotClient(asyncio.Protocol):
             # Its record names the call should this process die before the
             # acquire goes: the supervisor reads the table then.
             self._hold(asking)
+            self._held_acquires.add(lease_id)
         else:
             self._write(asking)
         self.budget_granted_total += 1
@@ -610,7 +614,14 @@ class SlotClient(asyncio.Protocol):
             # most often, which says it (one wake-up of the supervisor, not two).
             if self.table is not None and self.table.logged(lease_id):
                 self._logged_untold.add(lease_id)
-                self._flush_soon()
+                if lease_id in self._held_acquires:
+                    # Its record reads ENDED now, its slot still held (its fleet
+                    # side closing): the supervisor, reading the table for the
+                    # grants it was not told (a hung worker's budget taken back,
+                    # a lost channel's), would count it free. Told now instead.
+                    self._write(None)
+                else:
+                    self._flush_soon()
             else:
                 self._write({"op": "logged", "id": lease_id})
 
@@ -799,6 +810,7 @@ class SlotClient(asyncio.Protocol):
         self._cancel_flush()
         self._answers.clear()
         self._held_lines.clear()
+        self._held_acquires.clear()
         self._logged_untold.clear()
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
@@ -1003,6 +1015,7 @@ class SlotClient(asyncio.Protocol):
         if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
             data = b"".join(self._held_lines) + data
             self._held_lines = []
+            self._held_acquires.clear()
         # Nothing is left to ride a later write: the flush armed for what went
         # (or for a "logged" a release has said since) is not needed.
         self._cancel_flush()
