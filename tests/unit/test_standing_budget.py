@@ -481,6 +481,36 @@ def test_a_lost_lone_channel_without_a_table_counts_the_budgets_rest_until_its_w
     assert a.active == 0
 
 
+def test_a_lost_standing_channels_untold_grants_count_and_its_rest_stays_reserved() -> None:
+    """Not only a lone budget's grants go untold: a standing budget's are held
+    too with INGRESS_STANDING_BUDGETS=held (a call with a record), and any
+    granted once the supervisor has stopped reading the channel never reach
+    it. Its channel ending while its process runs, with its call table read
+    (`live`), the calls live there that this table never heard of are counted
+    as its calls and the budget's rest stays reserved until `settle_lost`, as
+    a lone budget's. On main the rest came back at once and those calls were
+    counted nowhere: the other worker's calls were granted past maxconn (3
+    calls on a fleet of 2 here)."""
+    slots = _table("https://a.test name=a maxconn=2\n")
+    a = _fleet(slots, "a")
+    a.health = Health.UP
+    slots.join("w1", pid=1, generation=1)
+    slots.join("w2", pid=2, generation=1)
+    slots.give_standing("w1", {"a": 2})
+    slots.standing_taken("w1")
+    # It granted lease 5 from its budget, the "acquire" held: only its table says so.
+    row, answers = slots.leave("w1", keep_held=True, live={5: "a"})
+    assert row is not None and row.channel_lost and answers == []
+    assert (a.active, a.standing, row.calls) == (1, 1, 1)
+    assert slots.acquire("w2", 1, [], 0.0) is None  # a call and a reserved slot: it waits
+    # It granted lease 6 before it read the end: the table read again counts it.
+    row, answers = slots.settle_lost("w1", {5: "a", 6: "a"})
+    assert row is not None and row.calls == 2 and answers == []
+    assert (a.active, a.standing) == (2, 0)
+    row, answers = slots.release_kept("w1")
+    assert [(g.worker, g.lease) for g in answers] == [("w2", 1)] and a.active == 1
+
+
 def test_a_lone_budget_not_dropped_in_time_gives_back_what_its_worker_has_not_used() -> None:
     """`take_back_unused` (LONE_END_WAIT after "budget-end"): of a lone
     budget, what its worker told it granted is out of it already, what its

@@ -247,9 +247,10 @@ class HostSlots:
         channel): the slots stay counted, its row stays (`channel_lost`, shown
         in stats) until `release_kept`. A row with nothing held just goes.
         `live`: what its call table says it has live now, lease -> fleet name
-        (`keep_held` only): the calls of a lone budget it never told are
-        those; the budget's rest stays reserved until `settle_lost` reads the
-        table again (the worker may grant from it until it reads the end)."""
+        (`keep_held` only): the calls of a standing budget (a lone one or not)
+        it never told are those; the budget's rest stays reserved until
+        `settle_lost` reads the table again (the worker may grant from it
+        until it reads the end)."""
         row = self._rows.get(worker)
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
@@ -268,11 +269,18 @@ class HostSlots:
         # budget is counted as its calls instead (an upper bound, as
         # `count_budget`'s: maxconn holds, but a fleet may read full until the
         # worker exits).
-        lone_rest = keep_held and row.standing is not None and row.standing_lone
-        if lone_rest and live is not None:
+        # So for any standing budget whose worker's table is read: a budget
+        # not lone has its grants held too with INGRESS_STANDING_BUDGETS=held
+        # (a call with a record), and any grant made once this end stopped
+        # reading is told to nobody. Freed at once (before session 47's
+        # review), those calls were counted nowhere and the rest went to the
+        # others: maxconn passed. Without a table, a budget not lone held no
+        # grant back (held only for a call with a record): freed at once.
+        standing_rest = keep_held and row.standing is not None
+        if standing_rest and live is not None:
             self._count_unheard(row, live)
         else:
-            if lone_rest:
+            if standing_rest and row.standing_lone:
                 self._count_rest(row)
             self._unreserve(row)
         if keep_held and (row.held or row.standing is not None):
@@ -288,7 +296,7 @@ class HostSlots:
     ) -> tuple[WorkerRow | None, list[Answer]]:
         """The worker whose channel was lost (`leave(keep_held=True)`) runs on
         past it (LOST_CHANNEL_CONFIRM) and so has read its end: it grants
-        nothing more from its lone budget. The calls its call table has live
+        nothing more from its standing budget (lone or not). The calls its call table has live
         now (`live`, read again: lease -> fleet name) and this table does not
         hold are counted as its calls, and the rest of the budget is free.
         `live` None (no table, or unreadable): the rest is counted as its calls

@@ -113,12 +113,12 @@ HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 # state, session 46): on unless INGRESS_LONE_BUDGET is "0" (to measure
 # without it). Its grants are held whatever HOLD_BUDGET_GRANTS says.
 LONE_BUDGETS = os.environ.get("INGRESS_LONE_BUDGET", "1") != "0"
-# A call about to be granted from a lone budget while the channel has bytes
-# (or its end) waiting unread waits for this end to read them first, this
-# long at most (seconds, in time this loop ran), and this many reads: a
-# "budget-end" or the channel's end waiting there means the budget is gone
-# (`SlotClient._lone_budget_current`). Past it (this end's reading paused,
-# or stalled), the call is asked of the supervisor instead.
+# A call about to be granted from a standing budget (a lone one or not) while
+# the channel has bytes (or its end) waiting unread waits for this end to read
+# them first, this long at most (seconds, in time this loop ran), and this
+# many reads: a "budget-end" or the channel's end waiting there means the
+# budget is gone (`SlotClient._budget_current`). Past it (this end's reading
+# paused, or stalled), the call is asked of the supervisor instead.
 LONE_READ_WAIT = 0.5
 LONE_READS_MOST = 4
 
@@ -299,6 +299,9 @@ class SlotClient(asyncio.Protocol):
         self.takes_lone = LONE_BUDGETS if lone is None else lone
         self._lone = False
         self._held_lines: list[bytes] = []
+        # Leases whose "acquire" is among `_held_lines`: granted from the
+        # budget, not told yet (`_logged` sends them at once).
+        self._held_acquires: set[int] = set()
         # Leases whose call's access line is written, its record in the table
         # ENDED, their "logged" not told yet: it rides this end's next write
         # (the call's release, a few ms later, most often), or goes
@@ -317,8 +320,8 @@ class SlotClient(asyncio.Protocol):
         # "acquire", "logged" and "release" held. None: every call is told.
         self.table: CallTableWriter | None = None
         # The channel looked at, without reading it, before a grant from a
-        # lone budget (`_channel_unread`), and the futures of the calls waiting
-        # for this end to read what is there (`_lone_budget_current`).
+        # standing budget (`_channel_unread`), and the futures of the calls
+        # waiting for this end to read what is there (`_budget_current`).
         self._peek: select.poll | None = None
         self._read_waiters: list[asyncio.Future[None]] = []
 
@@ -371,8 +374,8 @@ class SlotClient(asyncio.Protocol):
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         from_budget = self._budget is not None
-        if from_budget and self._lone:
-            from_budget = await self._lone_budget_current()
+        if from_budget and self._standing:
+            from_budget = await self._budget_current()
             if not self.connected:
                 raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
@@ -409,20 +412,20 @@ class SlotClient(asyncio.Protocol):
             timer.cancel()
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
 
-    async def _lone_budget_current(self) -> bool:
-        """Whether a call may be granted from the lone budget now: nothing
+    async def _budget_current(self) -> bool:
+        """Whether a call may be granted from the standing budget now: nothing
         waits unread in the channel, or what waited was read and the budget
         is still there. The supervisor takes back the slots of a lone budget
         not dropped LONE_END_WAIT (1 s) after its "budget-end"
-        (`SlotServer._lone_wait_over`), and what is left of it once the
-        channel has ended and this process has run on (`settle_lost`): a
-        worker whose loop did not run meanwhile (SIGSTOP, a stall) gets its
-        accepts and that message, or the end, in one turn. Granted from
-        before reading them, those calls took slots given to others: maxconn
-        passed. One poll(2) a grant; a wait of a loop turn only when
-        something is there (a report asked, most often)."""
+        (`SlotServer._lone_wait_over`), and what is left of any standing one
+        once the channel has ended and this process has run on
+        (`settle_lost`): a worker whose loop did not run meanwhile (SIGSTOP,
+        a stall) gets its accepts and that message, or the end, in one turn.
+        Granted from before reading them, those calls took slots given to
+        others: maxconn passed. One poll(2) a grant; a wait of a loop turn
+        only when something is there (a report asked, most often)."""
         for _ in range(LONE_READS_MOST):
-            if self._budget is None or not self._lone:
+            if self._budget is None or not self._standing:
                 return True  # ended meanwhile: asked of the supervisor as without one
             if not self._channel_unread():
                 return True
@@ -487,6 +490,7 @@ class SlotClient(asyncio.Protocol):
             # Its record names the call should this process die before the
             # acquire goes: the supervisor reads the table then.
             self._hold(asking)
+            self._held_acquires.add(lease_id)
         else:
             self._write(asking)
         self.budget_granted_total += 1
@@ -610,7 +614,14 @@ class SlotClient(asyncio.Protocol):
             # most often, which says it (one wake-up of the supervisor, not two).
             if self.table is not None and self.table.logged(lease_id):
                 self._logged_untold.add(lease_id)
-                self._flush_soon()
+                if lease_id in self._held_acquires:
+                    # Its record reads ENDED now, its slot still held (its fleet
+                    # side closing): the supervisor, reading the table for the
+                    # grants it was not told (a hung worker's budget taken back,
+                    # a lost channel's), would count it free. Told now instead.
+                    self._write(None)
+                else:
+                    self._flush_soon()
             else:
                 self._write({"op": "logged", "id": lease_id})
 
@@ -799,6 +810,7 @@ class SlotClient(asyncio.Protocol):
         self._cancel_flush()
         self._answers.clear()
         self._held_lines.clear()
+        self._held_acquires.clear()
         self._logged_untold.clear()
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
@@ -1003,6 +1015,7 @@ class SlotClient(asyncio.Protocol):
         if self._held_lines:  # first: a held "acquire" goes before its call's "answered"
             data = b"".join(self._held_lines) + data
             self._held_lines = []
+            self._held_acquires.clear()
         # Nothing is left to ride a later write: the flush armed for what went
         # (or for a "logged" a release has said since) is not needed.
         self._cancel_flush()

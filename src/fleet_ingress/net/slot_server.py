@@ -33,8 +33,9 @@ worker, an exec, a restore, a queue or a pause takes it back; the other
 workers' messages are parked (`_handle`) until it is dropped ("budget-dropped",
 after every grant made from it), so no other grant counts a slot it holds; or
 LONE_END_WAIT after, the slots it has not used taken back (session 47). A
-lone worker's channel that ends while its process runs keeps the budget's
-rest reserved until `settle_lost` (it may grant until it reads the end).
+channel that ends while its worker runs keeps the rest of its standing
+budget, lone or not, reserved until `settle_lost` (it may grant until it
+reads the end).
 
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
@@ -1516,7 +1517,8 @@ class SlotServer:
     def settle_lost(self, key: int) -> WorkerRow | None:
         """The worker whose channel `key` ended runs on past the end
         (LOST_CHANNEL_CONFIRM, the supervisor's `_channel_lost`): it has read
-        the end and grants nothing more from a lone budget. Its call table is
+        the end and grants nothing more from a standing budget (or reads it
+        first: `slot_client`). Its call table is
         read again (`live_calls`): the calls it granted from the budget since
         the channel ended are counted as its calls, the rest of the budget is
         free (`HostSlots.settle_lost`). Its row (None: nothing was reserved)."""

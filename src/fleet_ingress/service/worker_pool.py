@@ -423,7 +423,7 @@ class WorkerPool:
             return  # it died: its exit is logged and counted as a death
         worker.channel_lost = True
         # Running past its channel's end, it has read it: it grants no more
-        # from a lone budget (nor after, reading the end first: `slot_client`).
+        # from a standing budget (nor after, reading the end first: `slot_client`).
         # Its call table read again counts what it granted since the channel
         # ended; the rest of the budget, reserved till now, is free.
         if (row := self.server.settle_lost(worker.key)) is not None:
