@@ -2181,6 +2181,34 @@ async def test_a_hung_lone_worker_gives_back_the_slots_it_has_not_used_after_lon
         os.close(fd)
 
 
+async def _restored_holding_calls_4_and_5(more_state: dict[str, object]) -> set[int]:
+    """A re-executed coordinator adopts worker 77's channel with its calls
+    carried (leases 4 and 5, both held on b); the worker's "state" says it
+    holds both, with `more_state`: the leases whose calls stay known."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server = _next_image(4)
+    calls = {4: {"call_id": "c4", "bot_id": "bot-4"}, 5: {"call_id": "c5", "bot_id": "bot-5"}}
+    try:
+        key = await server.adopt(
+            ours, restoring=True, worker=(77, 1), held_before=["b", "b"], calls=calls
+        )
+        state = {
+            "op": "state",
+            "pid": 77,
+            "generation": 1,
+            "held": [[4, "b"], [5, "b"]],
+            "waiting": [],
+            **more_state,
+        }
+        await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
+        await eventually(lambda: [r.calls for r in server.slots.workers] == [2])
+        return set(server.calls_of(key))
+    finally:
+        theirs.close()
+        await server.close()
+
+
 async def test_a_restored_worker_whose_state_lists_its_calls_has_the_ones_it_logged_forgotten():
     """An exec carries a worker's calls (`calls_of`: leases 4 and 5, both
     held); the worker wrote lease 4's access line during the exec, and its
@@ -2190,150 +2218,11 @@ async def test_a_restored_worker_whose_state_lists_its_calls_has_the_ones_it_log
     lease 4's call is forgotten, so that a death of that worker without a call
     table writes no second line for it. Fails on main (review of session 47's
     reload47): a held call the state left out of its "calls" stayed known."""
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    server = _next_image(4)
-    c4, c5 = {"call_id": "c4", "bot_id": "bot-4"}, {"call_id": "c5", "bot_id": "bot-5"}
-    try:
-        key = await server.adopt(
-            ours, restoring=True, worker=(77, 1), held_before=["b", "b"], calls={4: c4, 5: c5}
-        )
-        state = {
-            "op": "state",
-            "pid": 77,
-            "generation": 1,
-            "held": [[4, "b"], [5, "b"]],
-            "waiting": [],
-            "lists_calls": True,
-            "calls": [[5, c5]],
-        }
-        await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
-        await eventually(lambda: [r.calls for r in server.slots.workers] == [2])
-        assert set(server.calls_of(key)) == {5}
-    finally:
-        theirs.close()
-        await server.close()
+    c5 = {"call_id": "c5", "bot_id": "bot-5"}
+    assert await _restored_holding_calls_4_and_5({"lists_calls": True, "calls": [[5, c5]]}) == {5}
 
 
 async def test_a_restored_worker_whose_state_does_not_list_its_calls_keeps_them_known():
     """The same state from a worker that does not list its calls (an older
     release: no "lists_calls"): nothing is forgotten that it may not have logged."""
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    server = _next_image(4)
-    c4, c5 = {"call_id": "c4", "bot_id": "bot-4"}, {"call_id": "c5", "bot_id": "bot-5"}
-    try:
-        key = await server.adopt(
-            ours, restoring=True, worker=(77, 1), held_before=["b", "b"], calls={4: c4, 5: c5}
-        )
-        state = {
-            "op": "state",
-            "pid": 77,
-            "generation": 1,
-            "held": [[4, "b"], [5, "b"]],
-            "waiting": [],
-        }
-        await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
-        await eventually(lambda: [r.calls for r in server.slots.workers] == [2])
-        assert set(server.calls_of(key)) == {4, 5}
-    finally:
-        theirs.close()
-        await server.close()
-
-
-async def test_a_standing_worker_cut_from_its_channel_has_its_held_grants_counted(monkeypatch):
-    """A worker's standing budget (not a lone one) with its grants held
-    (INGRESS_STANDING_BUDGETS=held) when its channel ends while its process
-    runs on (cut here; `keeps_slots` says it runs): the call it granted from
-    the budget, its "acquire" held, is counted from its call table, and the
-    budget's rest stays reserved until `settle_lost`; the second worker's
-    calls never pass maxconn. After the settle, the worker, its reading
-    stopped, the end unread, grants nothing from the budget it still holds
-    (it asks the supervisor: gone). On main the rest came back at once and
-    the held call was counted nowhere: the second worker got 4 calls, 3 on
-    a fleet of maxconn 2 with the cut worker's one."""
-    monkeypatch.setattr("fleet_ingress.net.slot_client.HOLD_BUDGET_GRANTS", True)
-    h = Host(maxconn=2, standing=True)
-    fd = -1
-    w2_calls: list = []
-    asked: list[asyncio.Future] = []
-    try:
-        w1 = await h.worker()
-        (key,) = [row.worker for row in h.slots.workers]
-        fd = _with_table(w1, 8)
-        h.server.keeps_slots = lambda k, pid: k == key
-        h.server.live_calls = lambda k: _live_on_table(fd) if k == key else None
-        row = h.slots.get(key)
-        assert row is not None and row.standing is not None and not row.standing_lone
-        held = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})  # from its budget
-        w1._cancel_flush()  # its "acquire" held: not told
-        assert held.fleet.name in _live_on_table(fd).values() and row.calls == 0
-        assert w1._transport is not None
-        w1._transport.pause_reading()  # stopped: the end waits unread
-        assert h.server.cut(key)
-        await eventually(lambda: key not in h.server._channels)
-        row = h.slots.get(key)
-        assert row is not None and row.channel_lost and row.calls == 1  # its held call
-        w2 = await h.worker(generation=2)
-
-        def on_fleets() -> Counter:
-            """The calls up on each fleet: the cut worker's (its table) and the second's."""
-            return Counter(_live_on_table(fd).values()) + Counter(c.fleet.name for c in w2_calls)
-
-        for _ in range(4):
-            asked.append(asyncio.ensure_future(w2.lease()))
-            await eventually(lambda: asked[-1].done() or h.slots.queue_length > 0)
-            if not asked[-1].done():
-                break
-            w2_calls.append(asked[-1].result())
-        assert all(n <= 2 for n in on_fleets().values()), on_fleets()
-        assert len(w2_calls) == 2 and h.slots.queue_length == 1  # a slot reserved: it waits
-        h.server.settle_lost(key)  # LOST_CHANNEL_CONFIRM later, the worker runs on
-        w2_calls.append(await asyncio.wait_for(asked[-1], 3))
-        assert all(n <= 2 for n in on_fleets().values()), on_fleets()
-        # Its reading still stopped, the end unread: not granted from its budget.
-        with contextlib.suppress(NoFleetAvailable):
-            await asyncio.wait_for(w1.lease(call={"call_id": 2, "bot_id": "bot-2"}), 3)
-        assert all(n <= 2 for n in on_fleets().values()), on_fleets()
-    finally:
-        for future in asked:
-            future.cancel()
-        if fd >= 0:
-            os.close(fd)
-        await h.close()
-
-
-async def test_a_hung_lone_worker_keeps_the_slot_of_a_call_logged_before_its_grant_was_told(
-    asked_host, monkeypatch
-):
-    """A lone worker's call granted from its budget (its "acquire" held) whose
-    access line is written (`call_logged`: ENDED in the call table) while its
-    fleet side still closes, its slot held; then the worker hangs. LONE_END_WAIT
-    after "budget-end" the slots it has not used are taken back: this one is
-    used, and stays counted (the worker sends the held "acquire" as the call
-    is logged). On main the table read ENDED for it, its slot was taken back
-    and granted to the second worker: 2 connections on a fleet of maxconn 1
-    until the hung worker closed its own."""
-    monkeypatch.setattr("fleet_ingress.net.slot_server.LONE_END_WAIT", 0.3)
-    h = asked_host(maxconn=1, queue_timeout=1.0, lone=True)
-    w1 = await h.worker()
-    (key,) = [row.worker for row in h.slots.workers]
-    fd = _with_table(w1, 8)
-    h.server.live_calls = lambda k: _live_on_table(fd) if k == key else None
-    try:
-        await _lone_budget_taken(h, w1)
-        call = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})  # its acquire held
-        call.call_logged()  # its line written, its fleet side closing: the slot held
-        assert w1._transport is not None
-        w1._transport.pause_reading()  # hung: reads nothing
-        w1._cancel_flush()  # and writes nothing more
-        w2 = await h.worker(generation=2)
-        got = []
-        with contextlib.suppress(NoFleetAvailable):
-            for _ in range(2):
-                got.append(await asyncio.wait_for(w2.lease(), 3))
-        on_fleets = Counter([call.fleet.name]) + Counter(g.fleet.name for g in got)
-        assert all(n <= 1 for n in on_fleets.values()), on_fleets
-        assert len(got) == 1  # the other fleet's slot, taken back
-    finally:
-        os.close(fd)
+    assert await _restored_holding_calls_4_and_5({}) == {4, 5}

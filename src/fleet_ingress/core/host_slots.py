@@ -211,7 +211,7 @@ class HostSlots:
         # Calls a worker told it granted from a standing budget whose unused
         # slots had been taken back (`take_back_unused`), beyond what was left:
         # counted past maxconn. Expected 0 (`slot_client` reads the channel
-        # before it grants from a lone budget).
+        # before it grants from a standing budget).
         self.grants_past_cut_total = 0
         self._rows: dict[WorkerKey, WorkerRow] = {}
         self._queue: deque[_Waiter] = deque()
@@ -255,27 +255,21 @@ class HostSlots:
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
             return None, []
-        # Its standing budget ends with its channel (the worker's ends there too).
-        # A lone one's grants are held by its worker (`slot_client`): its process
-        # running on, it may have granted from it calls this table never heard
-        # of, and may grant more until it reads the channel's end (a worker
-        # SIGSTOPped, resumed: its accepts and the end in one turn). Its call
-        # table (`live`) names those granted so far: counted as its calls; the
-        # rest stays reserved (`settle_lost` reads the table again once the
-        # worker has run past the end, or `release_kept` once it exited).
-        # Freed at once (session 46), a replacement's budget took those slots
-        # while the cut worker still granted from them: maxconn passed.
-        # Without a table (none made, or unreadable), what was left of the
-        # budget is counted as its calls instead (an upper bound, as
-        # `count_budget`'s: maxconn holds, but a fleet may read full until the
-        # worker exits).
-        # So for any standing budget whose worker's table is read: a budget
-        # not lone has its grants held too with INGRESS_STANDING_BUDGETS=held
-        # (a call with a record), and any grant made once this end stopped
-        # reading is told to nobody. Freed at once (before session 47's
-        # review), those calls were counted nowhere and the rest went to the
-        # others: maxconn passed. Without a table, a budget not lone held no
-        # grant back (held only for a call with a record): freed at once.
+        # Its standing budget (lone or not) ends with its channel, but its
+        # process, running on, may have granted from it calls this table never
+        # heard of (held by `slot_client`, or told to nobody once this end
+        # stopped reading), and may grant more until it reads the channel's
+        # end (a worker SIGSTOPped, resumed: its accepts and the end in one
+        # turn). Its call table (`live`) names those granted so far: counted as
+        # its calls; the rest stays reserved (`settle_lost` reads the table
+        # again once the worker has run past the end, `release_kept` once it
+        # exited). Freed at once (before session 47), a replacement's budget
+        # took those slots while the cut worker still granted: maxconn passed.
+        # Without a table (none made, or unreadable): a lone budget's rest is
+        # counted as its calls (an upper bound, as `count_budget`'s: maxconn
+        # holds, but a fleet may read full until the worker exits); a budget
+        # not lone held no grant back (held only for a call with a record):
+        # freed at once.
         standing_rest = keep_held and row.standing is not None
         if standing_rest and live is not None:
             self._count_unheard(row, live)

@@ -119,8 +119,8 @@ LONE_BUDGETS = os.environ.get("INGRESS_LONE_BUDGET", "1") != "0"
 # many reads: a "budget-end" or the channel's end waiting there means the
 # budget is gone (`SlotClient._budget_current`). Past it (this end's reading
 # paused, or stalled), the call is asked of the supervisor instead.
-LONE_READ_WAIT = 0.5
-LONE_READS_MOST = 4
+BUDGET_READ_WAIT = 0.5
+BUDGET_READS_MOST = 4
 
 
 def _not_ours(entry: dict[str, Any], own: dict[str, int]) -> int:
@@ -374,7 +374,8 @@ class SlotClient(asyncio.Protocol):
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         from_budget = self._budget is not None
-        if from_budget and self._standing:
+        if from_budget and self._standing and self._channel_unread():
+            # Something waits unread (no coroutine a call otherwise: one poll).
             from_budget = await self._budget_current()
             if not self.connected:
                 raise NoFleetAvailable(COORDINATOR_GONE)
@@ -424,14 +425,14 @@ class SlotClient(asyncio.Protocol):
         Granted from before reading them, those calls took slots given to
         others: maxconn passed. One poll(2) a grant; a wait of a loop turn
         only when something is there (a report asked, most often)."""
-        for _ in range(LONE_READS_MOST):
+        for _ in range(BUDGET_READS_MOST):
             if self._budget is None or not self._standing:
                 return True  # ended meanwhile: asked of the supervisor as without one
             if not self._channel_unread():
                 return True
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._read_waiters.append(waiter)
-            timer = PatientTimer(self._loop, LONE_READ_WAIT, _read_late, waiter)
+            timer = PatientTimer(self._loop, BUDGET_READ_WAIT, _read_late, waiter)
             try:
                 await waiter
             except TimeoutError:

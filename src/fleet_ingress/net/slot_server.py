@@ -1465,7 +1465,7 @@ class SlotServer:
                     generation=row.generation,
                     slots_kept=row.calls,
                     fleets=_by_fleet(row),
-                    # A lone budget's rest, reserved until it is known that
+                    # A standing budget's rest, reserved until it is known that
                     # the worker grants no more from it (`settle_lost`).
                     slots_reserved=len(self.slots.standing_left(channel.key)),
                 ),
@@ -1530,7 +1530,7 @@ class SlotServer:
         row, answers = self.slots.settle_lost(key, live)
         if row is not None:
             log.info(
-                "lost channel's lone budget settled: the calls its worker granted "
+                "lost channel's standing budget settled: the calls its worker granted "
                 "since are counted, the rest is free",
                 extra=fields(
                     channel=key,
