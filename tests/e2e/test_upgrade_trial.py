@@ -210,12 +210,14 @@ async def test_the_trial_run_yields_the_cpu_to_the_running_calls(
 
 
 def _busy_loops(seconds: float) -> list[subprocess.Popen[bytes]]:
-    """Two processes spinning on each CPU this process may use, at its
-    priority, each ending by itself after `seconds`: a loaded host."""
+    """A process spinning on each CPU this process may use, at its priority,
+    each ending by itself after `seconds`: a loaded host. One a CPU leaves a
+    trial niced by 10 about a tenth of a CPU (its second or so of CPU takes
+    10-15 s); two a CPU took it 20-25 s, for nothing more asserted."""
     spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
     return [
         subprocess.Popen([sys.executable, "-c", spin])
-        for _ in range(2 * len(os.sched_getaffinity(0)))
+        for _ in range(len(os.sched_getaffinity(0)))
     ]
 
 
@@ -240,7 +242,7 @@ async def test_a_sound_install_passes_its_trial_on_a_busy_host_judged_by_its_cpu
         await asyncio.sleep(0.5)  # spinning
         began = time.monotonic()
         checked, _ = await upgrade.trial_run(
-            config, cpu_limit=10, stall_limit=10, progress=lambda judge: seen.append(judge.said())
+            config, cpu_limit=5, stall_limit=5, progress=lambda judge: seen.append(judge.said())
         )
         took = time.monotonic() - began
     finally:
@@ -250,7 +252,7 @@ async def test_a_sound_install_passes_its_trial_on_a_busy_host_judged_by_its_cpu
             loop.wait()
     assert checked.startswith("OK: 1 fleet"), checked
     # The host was busy: longer than the CPU it may use or go without.
-    assert took > 10, took
+    assert took > 5, took
     assert seen and seen[-1]["cpu_s"] < 5, seen
 
 
