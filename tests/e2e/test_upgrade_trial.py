@@ -216,8 +216,7 @@ def _busy_loops(seconds: float) -> list[subprocess.Popen[bytes]]:
     10-15 s); two a CPU took it 20-25 s, for nothing more asserted."""
     spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
     return [
-        subprocess.Popen([sys.executable, "-c", spin])
-        for _ in range(len(os.sched_getaffinity(0)))
+        subprocess.Popen([sys.executable, "-c", spin]) for _ in range(len(os.sched_getaffinity(0)))
     ]
 
 
