@@ -843,8 +843,7 @@ class CarrierProtocol(_Side):
         for command in commands:
             _COMMANDS[type(command)](self, command)
 
-    def _answer(self, command: Command) -> None:
-        assert isinstance(command, Answer)
+    def _answer(self, command: Answer) -> None:
         status = command.status
         # Refused as it was read (431, 408): what came of its first line, for
         # its log line, and no body for a HEAD.
@@ -875,15 +874,13 @@ class CarrierProtocol(_Side):
     def _parse_head_later(self, command: Command) -> None:
         self.ctx.heads.add(self._parse_head)
 
-    def _open_call(self, command: Command) -> None:
-        assert isinstance(command, OpenCall)
+    def _open_call(self, command: OpenCall) -> None:
         call = Call(self, self.client_ip, command.route, command.bot_id, machine=self.machine)
         self.call = call
         self._received_at = time.monotonic()
         self.ctx.registry.add_call(call)
 
-    def _take_slot(self, command: Command) -> None:
-        assert isinstance(command, TakeSlot)
+    def _take_slot(self, command: TakeSlot) -> None:
         self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
@@ -928,13 +925,11 @@ class CarrierProtocol(_Side):
         if (lease := self._held_lease()) is not None:
             lease.fleet_said_full()
 
-    def _fleet_unreachable(self, command: Command) -> None:
-        assert isinstance(command, FleetUnreachable)
+    def _fleet_unreachable(self, command: FleetUnreachable) -> None:
         if (lease := self._held_lease()) is not None:
             lease.fleet_unreachable(refused=command.refused)
 
-    def _connect_fleet(self, command: Command) -> None:
-        assert isinstance(command, ConnectFleet)
+    def _connect_fleet(self, command: ConnectFleet) -> None:
         call = self.call
         assert call is not None
         head = self._head
@@ -1106,8 +1101,7 @@ class CarrierProtocol(_Side):
         if task is not None and not task.done():
             task.cancel()
 
-    def _log_attempt_failed(self, command: Command) -> None:
-        assert isinstance(command, LogAttemptFailed)
+    def _log_attempt_failed(self, command: LogAttemptFailed) -> None:
         values = {
             "call_id": None if self.call is None else self.call.id,
             "fleet": command.fleet,
@@ -1149,8 +1143,7 @@ class CarrierProtocol(_Side):
         if look is not None:
             look.cancel()
 
-    def _link(self, command: Command) -> None:
-        assert isinstance(command, Link)
+    def _link(self, command: Link) -> None:
         if self._early_look is not None:
             self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
@@ -1200,8 +1193,7 @@ class CarrierProtocol(_Side):
         ctx.registry.dead_peers.watch(ctx.liveness.user_timeout, call.id)
         ctx.registry.call_linked(call)
 
-    def _relay(self, command: Command) -> None:
-        assert isinstance(command, Relay)
+    def _relay(self, command: Relay) -> None:
         if self._early_look is not None:
             self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
@@ -1217,8 +1209,7 @@ class CarrierProtocol(_Side):
         ctx.registry.sweep.watch(call, SilenceLimits(idle=ctx.response_timeout))
         fleet_side.link(self, relaying=True)
 
-    def _close_side(self, command: Command) -> None:
-        assert isinstance(command, CloseSide)
+    def _close_side(self, command: CloseSide) -> None:
         side = self if command.side is _CARRIER else self.fleet_side
         if side is None or side.saying_goodbye:  # its close follows its goodbye
             return
@@ -1273,14 +1264,12 @@ class CarrierProtocol(_Side):
         writer.timer = PatientTimer(self._running_loop(), GOODBYE_BOUNDARY_WAIT, writer.give_up)
         return True
 
-    def _abort_side(self, command: Command) -> None:
-        assert isinstance(command, AbortSide)
+    def _abort_side(self, command: AbortSide) -> None:
         side = self if command.side is _CARRIER else self.fleet_side
         if side is not None:
             side.abort()
 
-    def _start_timer(self, command: Command) -> None:
-        assert isinstance(command, StartTimer)
+    def _start_timer(self, command: StartTimer) -> None:
         old = self._timers.pop(command.timer, None)
         if old is not None:
             old.cancel()
@@ -1300,8 +1289,7 @@ class CarrierProtocol(_Side):
         self._forget_timer(timer)
         self.feed(TimerFired(timer))
 
-    def _cancel_timer(self, command: Command) -> None:
-        assert isinstance(command, CancelTimer)
+    def _cancel_timer(self, command: CancelTimer) -> None:
         handle = self._forget_timer(command.timer)
         if handle is not None:
             handle.cancel()
@@ -1351,7 +1339,9 @@ class CarrierProtocol(_Side):
         self._timers.clear()
 
 
-_COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
+# Each command's method, by its type: it takes a command of that type (no
+# isinstance check in each: an assert a command, some twenty a call).
+_COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Any], None]] = {
     Answer: CarrierProtocol._answer,
     ParseHead: CarrierProtocol._parse_head_later,
     OpenCall: CarrierProtocol._open_call,
