@@ -118,7 +118,7 @@ from fleet_ingress.net import fleet_sessions
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
-from fleet_ingress.net.late_timers import PatientTimer, peer_moved
+from fleet_ingress.net.late_timers import PatientTimer, peer_moved, put_off_by
 from fleet_ingress.net.liveness import (
     RESET_ON_CLOSE,
     PeerGaveNoAnswer,
@@ -610,7 +610,7 @@ class CarrierProtocol(_Side):
         # That look found it ended: what it sends is read to its end and dropped.
         self._ended_at_bound = False
         # Put off after a stall: an answer waiting unread goes first (late_timers).
-        self._timers: dict[Timer, PatientTimer] = {}
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
         self._underway: Underway | None = None
         # The fleet of the current attempt (its TLS session kept at the link),
@@ -1270,38 +1270,55 @@ class CarrierProtocol(_Side):
             side.abort()
 
     def _start_timer(self, command: StartTimer) -> None:
-        old = self._timers.pop(command.timer, None)
+        """A loop timer of the machine's, the loop's handle kept (no timer
+        object of ours: three a call), put off after a stall as a PatientTimer
+        is (`_timer_due`)."""
+        timers = self._timers
+        timer = command.timer
+        old = timers.pop(timer, None)
         if old is not None:
             old.cancel()
         # After a stall, the connect timer is put off only if the fleet answered
         # meanwhile (a connection made, unread): one that did not fails at once.
-        underway = self._underway if command.timer is _CONNECT_TIMER else None
+        underway = self._underway if timer is _CONNECT_TIMER else None
         answered = None if underway is None else underway.answered
-        self._timers[command.timer] = PatientTimer(
-            self._loop or self._running_loop(),  # set at connection_made: three a call
-            command.seconds,
-            self._timer_fired,
-            command.timer,
-            answered=answered,
-        )
+        loop = self._loop or self._running_loop()  # set at connection_made
+        seconds = command.seconds
+        # Its own due time: uvloop answers a delay under its 1 ms tick with a
+        # plain Handle, which has no `when()`.
+        when = loop.time() + seconds
+        timers[timer] = loop.call_later(seconds, self._timer_due, command, when, answered)
+
+    def _timer_due(
+        self, command: StartTimer, when: float, answered: Callable[[], bool] | None
+    ) -> None:
+        """A timer's due time has come: run over STALL late (the loop did not
+        run), it is put off once (`late_timers.put_off_by`), so that an answer
+        waiting unread is read first and cancels it; else it fires."""
+        loop = self._running_loop()
+        wait = put_off_by(loop.time() - when, command.seconds, answered)
+        if wait is not None:
+            self._timers[command.timer] = loop.call_later(wait, self._timer_fired, command.timer)
+            return
+        self._timer_fired(command.timer)
 
     def _timer_fired(self, timer: Timer) -> None:
-        self._forget_timer(timer)
+        timers = self._timers
+        timers.pop(timer, None)
+        if not timers:
+            self._timers = {}  # see `_cancel_timer`
         self.feed(TimerFired(timer))
 
     def _cancel_timer(self, command: CancelTimer) -> None:
-        handle = self._forget_timer(command.timer)
+        timers = self._timers
+        handle = timers.pop(command.timer, None)
         if handle is not None:
             handle.cancel()
-
-    def _forget_timer(self, timer: Timer) -> PatientTimer | None:
-        """Take `timer` out. Emptied, the dict is made anew: a call holds no
-        timer in its tunnel, and a dict keeps the table its entries had (160
-        bytes a held call, memory per call: issue 13)."""
-        handle = self._timers.pop(timer, None)
-        if not self._timers:
+        if not timers:
+            # Emptied, the dict is made anew: a call holds no timer in its
+            # tunnel, and a dict keeps the table its entries had (160 bytes a
+            # held call, memory per call: issue 13).
             self._timers = {}
-        return handle
 
     def _call_ended(self, command: Command) -> None:
         """The call's end is settled: its access line, out of the live calls.
