@@ -210,6 +210,16 @@ class Dispatcher:
         grant = await self._acquire(avoid)
         return Lease(self, grant.fleet, grant)
 
+    def lease_now(self, avoid: Collection[str] = ()) -> Lease | None:
+        """The slot `lease` would hand over without waiting (a fleet has room
+        and no call waits before this one), taken now: no coroutine, no task
+        and no loop turn for the common call (`net.proxy` asks this first).
+        None where `lease` must be awaited: it queues the call, or refuses it."""
+        if self._queue:  # FIFO: nobody overtakes a waiting call
+            return None
+        fleet = self.balancer.pick(avoid).fleet
+        return None if fleet is None else Lease(self, fleet, self._open(fleet))
+
     async def acquire(self, avoid: Collection[str] = ()) -> FleetState:
         """A fleet with a slot taken for this call, or `NoFleetAvailable`
         (given back with `release(fleet)`; `lease` also follows the call's flight)."""

@@ -223,6 +223,10 @@ class ProxyContext:
     heads: HeadQueue = field(default_factory=HeadQueue)
     # What each call's machine consults (built from the fields above).
     rules: CallRules = field(init=False, repr=False)
+    # `slots.lease_now` where the slot source can hand a free slot over at
+    # once (this process's `Dispatcher`), else None: every lease is awaited
+    # (a worker's `SlotClient`, which asks its supervisor).
+    lease_now: Callable[[tuple[str, ...]], HeldSlot | None] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         rules = CallRules(
@@ -233,6 +237,7 @@ class ProxyContext:
             response_timeout=self.response_timeout,
         )
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "lease_now", getattr(self.slots, "lease_now", None))
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -714,8 +719,11 @@ class CarrierProtocol(_Side):
             # `_run`'s loop, here: about nine events a call, a Python call each.
             for command in self.machine.feed(event):
                 _COMMANDS[type(command)](self, command)
+            # One or two, and a call's slot grant (taken at once from this
+            # process's slot table, `_take_slot`) each call.
             while self._events:
-                self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
+                for command in self.machine.feed(self._events.pop(0)):
+                    _COMMANDS[type(command)](self, command)
         except Exception as exc:
             # A bug (an event the machine refuses, or a command that raised): said
             # loudly, but the call must not stay where its commands left it, with a
@@ -881,6 +889,12 @@ class CarrierProtocol(_Side):
         self.ctx.registry.add_call(call)
 
     def _take_slot(self, command: TakeSlot) -> None:
+        lease_now = self.ctx.lease_now
+        if lease_now is not None and (lease := lease_now(command.avoid)) is not None:
+            # A free slot, taken at once (the in-process slot table): granted
+            # after this event's commands, with no task nor loop turn.
+            self._slot_granted(lease)
+            return
         self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
@@ -900,10 +914,14 @@ class CarrierProtocol(_Side):
             self._setup_failed(exc)
             return
         self._task = None
-        assert self.call is not None
-        self.call.lease = lease
+        self._slot_granted(lease)
+
+    def _slot_granted(self, lease: HeldSlot) -> None:
+        call = self.call
+        assert call is not None
+        call.lease = lease
         if lease.queued_s != 0:
-            self.ctx.registry.slot_waited(self.call, lease.queued_s, granted=True)
+            self.ctx.registry.slot_waited(call, lease.queued_s, granted=True)
         self.feed(SlotGranted(lease.fleet))
 
     def _cancel_slot_wait(self, command: Command) -> None:
