@@ -867,7 +867,7 @@ class CallMachine:
         self.retried_from = None
         self.attempt += 1
         self.fleet = fleet
-        self.tried.append(fleet.name)
+        self.tried.append(fleet.spec.name)  # (`name` is a property: a Python call)
         self.state = _CONNECTING
         self._out += (ConnectFleet(fleet, self.attempt), self.rules.connect_timer)
 
