@@ -241,9 +241,6 @@ class Call:
             self.fleet_side.abort()
         self.carrier.abort()
 
-    def watch_silence(self, limits: SilenceLimits, now: float) -> None:
-        self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
-
     def read_ended_sides(self) -> None:
         """Read each side whose connection has ended without a read to tell
         (uvloop's poll stopped by an error event): its loss ends the call as
@@ -503,16 +500,18 @@ class Registry:
         self.calls.discard(call)
         self.closing.add(call)
         call.ended_mono = time.monotonic()
-        # Each of Call's properties read once (a Python call each read).
-        from_carrier, to_carrier = call.bytes_from_carrier, call.bytes_to_carrier
+        # What Call's properties say, read from their fields (a property is a
+        # Python call a read; `name` too: the fleet's spec has it).
+        fleet_side, lease = call.fleet_side, call.lease
+        from_carrier = call.carrier.bytes_received
+        to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
         call.bytes_at_end = (from_carrier, to_carrier)
         self.ended_bytes_from_carrier += from_carrier
         self.ended_bytes_to_carrier += to_carrier
-        fleet = call.fleet
         machine = call.machine
         end_reason = None if machine is None else machine.end_reason
         reason = "unknown" if end_reason is None else _REASON_WORD[end_reason]
-        self.ended[(fleet.name if fleet else "", reason)] += 1
+        self.ended[("" if lease is None else lease.fleet.spec.name, reason)] += 1
         if end_reason is _REFUSED:
             own = machine is None or machine.answer_text is not None
             who = REFUSED_BY_INGRESS if own else REFUSED_BY_FLEET
@@ -528,8 +527,10 @@ class Registry:
         if call in self.closing:
             self.closing.discard(call)
             logged_from, logged_to = call.bytes_at_end or (0, 0)
-            self.ended_bytes_from_carrier += call.bytes_from_carrier - logged_from
-            self.ended_bytes_to_carrier += call.bytes_to_carrier - logged_to
+            fleet_side = call.fleet_side  # (not its properties: a Python call each)
+            to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
+            self.ended_bytes_from_carrier += call.carrier.bytes_received - logged_from
+            self.ended_bytes_to_carrier += to_carrier - logged_to
         if not self.calls and not self.closing:
             self._no_calls.set()
 
@@ -720,7 +721,12 @@ class SilenceSweep:
         loop = self._timer_loop if self._timer is not None else None
         if loop is None:
             loop = asyncio.get_running_loop()
-        call.watch_silence(limits, time.monotonic())
+        # The call's counts read from its sides (its byte properties and
+        # QuietWatch.start were four Python calls a linked call).
+        fleet_side = call.fleet_side
+        to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
+        now = time.monotonic()
+        call.quiet = QuietWatch(limits, call.carrier.bytes_received, to_carrier, now, now, now, now)
         self._schedule(loop, limits.sweep_period)
 
     def relimit(self, policy: SilencePolicy) -> None:
