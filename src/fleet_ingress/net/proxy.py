@@ -640,7 +640,8 @@ class CarrierProtocol(_Side):
         registry.connections.add(self)
         registry.connections_total += 1
         registry.counted()
-        self._run(self.machine.start())
+        for command in self.machine.start():
+            _COMMANDS[type(command)](self, command)
 
     def data_received(self, data: Buffer) -> None:
         peer = self.peer
@@ -716,7 +717,6 @@ class CarrierProtocol(_Side):
             return
         self._feeding = True
         try:
-            # `_run`'s loop, here: about nine events a call, a Python call each.
             for command in self.machine.feed(event):
                 _COMMANDS[type(command)](self, command)
             # One or two, and a call's slot grant (taken at once from this
@@ -845,11 +845,7 @@ class CarrierProtocol(_Side):
         self._head = head
         self.feed(HeadParsed(head))
 
-    # The commands ----------------------------------------------------------
-
-    def _run(self, commands: list[Command]) -> None:
-        for command in commands:
-            _COMMANDS[type(command)](self, command)
+    # The commands (run by `feed`, each by its type: `_COMMANDS`) -----------
 
     def _answer(self, command: Answer) -> None:
         status = command.status
@@ -1205,7 +1201,9 @@ class CarrierProtocol(_Side):
             if self.tracker.closed:  # the carrier hung up before the 101
                 self.close_frame_read(early)
         self.peer = self.peer_writer(fleet_side.transport)
-        if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+        # Paused only at the early bound (`_early_bound_reached`): asked first,
+        # the fleet's buffer and `resume_reading` are two Python calls a call.
+        if self.reading_paused and fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         ctx.registry.sweep.watch_tunnel(call, ctx.silence)
         ctx.registry.dead_peers.watch(ctx.liveness.user_timeout, call.id)
@@ -1356,7 +1354,8 @@ class CarrierProtocol(_Side):
         """Both sides of the ended call are gone: forget it."""
         call, ctx = self.call, self.ctx
         assert call is not None
-        self._cancel_task()
+        if self._task is not None:  # (none in most calls: a Python call less)
+            self._cancel_task()
         ctx.registry.forget_call(call)
         _break_cycles(call)
 
