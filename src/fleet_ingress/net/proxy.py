@@ -34,7 +34,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -1060,11 +1060,13 @@ class CarrierProtocol(_Side):
         if self._task is asyncio.current_task(self._loop):
             self.feed(OfferedConnectionFailed())
 
-    async def _connect_tls(
+    def _connect_tls(
         self, spec: FleetSpec, underway: Underway, offered: fleet_sessions.KeptSession | None
-    ) -> TLSConnection:
+    ) -> Coroutine[Any, Any, TLSConnection]:
+        """`connect`'s coroutine itself, awaited by `_connect` (a coroutine of
+        its own around it was one more frame each of its steps went through)."""
         ctx = self.ctx
-        return await connect(
+        return connect(
             spec.host,
             spec.port,
             ctx.fleet_ssl,
