@@ -126,9 +126,10 @@ class Lease:
 
     def fleet_answered(self, at: float) -> None:
         """The fleet answered this call `101` at `at` (monotonic): out of flight."""
-        self.fleet.call_connected()
+        fleet = self.fleet
+        fleet.call_failures = 0  # `call_connected`, spelt out (a Python call a call)
         if self._grant is not None:
-            self.fleet.lease_answered(self._grant, at)
+            fleet.lease_answered(self._grant, at)
 
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: FULL until its next probe."""
@@ -285,7 +286,8 @@ class Dispatcher:
         self.balancer.close(fleet, grant)
         for hook in self.on_release:
             hook(fleet)
-        self.wake()
+        if self._queue:  # (`wake`'s own first look: no call waits, most releases)
+            self.wake()
 
     def wake(self) -> None:
         """Hand freed slots to waiters in order. Call whenever room may have
