@@ -215,7 +215,10 @@ class Dispatcher:
         """The slot `lease` would hand over without waiting (a fleet has room
         and no call waits before this one), taken now: no coroutine, no task
         and no loop turn for the common call (`net.proxy` asks this first).
-        None where `lease` must be awaited: it queues the call, or refuses it."""
+        None where `lease` must be awaited: it queues the call, or refuses it.
+        The pick takes only a READY fleet: the call machine answers a grant
+        on one that is not by giving it back and asking again, which taken
+        at once would loop without a turn of the loop between (session 47)."""
         if self._queue:  # FIFO: nobody overtakes a waiting call
             return None
         fleet = self.balancer.pick(avoid).fleet
