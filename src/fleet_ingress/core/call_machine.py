@@ -807,8 +807,10 @@ class CallMachine:
             self._out.append(_SIDES_GONE)
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
+        if self.end_reason is not None:
+            return  # the first reason stands (a call's sides go after its end, most often)
         reason = self._lost_reason(side, event.how)
-        if self.end_reason is None and reason in _LOSS_TOLD and event.why:
+        if reason in _LOSS_TOLD and event.why:
             self.error_text = f"{side.value}: {event.why}"
         self._end(reason)
 
