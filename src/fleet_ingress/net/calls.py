@@ -409,7 +409,10 @@ class Registry:
     # Their carriers stay in `connections` until they are gone; what their
     # sides hold and the slots they still hold count; a drain waits for them.
     closing: set[Call] = field(default_factory=set)
-    _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made by a wait for no call (`wait_no_calls`, a drain's), set and let go
+    # once none is left: a call's start and end touch no Event (two Python
+    # calls a call, its clear and its set, when it was kept).
+    _no_calls: asyncio.Event | None = None
     # Frontend totals (live calls add theirs when read: see relayed_bytes()).
     connections_total: int = 0  # carriers through their TLS handshake
     handshaking: int = 0  # accepted, TLS handshake under way
@@ -491,7 +494,6 @@ class Registry:
 
     def add_call(self, call: Call) -> None:
         self.calls.add(call)
-        self._no_calls.clear()
 
     def remove_call(self, call: Call) -> bool:
         """The call's end is settled (its access line): out of the live calls,
@@ -532,8 +534,9 @@ class Registry:
             to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
             self.ended_bytes_from_carrier += call.carrier.bytes_received - logged_from
             self.ended_bytes_to_carrier += to_carrier - logged_to
-        if not self.calls and not self.closing:
+        if self._no_calls is not None and not self.calls and not self.closing:
             self._no_calls.set()
+            self._no_calls = None
 
     def every_call(self) -> list[Call]:
         """The live calls and the ended ones whose sides are still closing:
@@ -546,6 +549,8 @@ class Registry:
         exits as its last call's close frame or TLS close is being flushed
         cuts it, and a peer that reads slowly but reads got a reset, 1006."""
         if self.calls or self.closing:
+            if self._no_calls is None:
+                self._no_calls = asyncio.Event()
             await self._no_calls.wait()
 
     def tunnels(self) -> list[Call]:
