@@ -1477,8 +1477,13 @@ class FleetProtocol(_Side):
             head = exchange.head
             assert head is not None
             self._head_read = True
-            self.pause_reading()
             self.pump.feed(FLEET_SWITCHED if head.switched else FleetHead(head.status, False))
+            if self.peer is None:
+                # Not linked by it (its event waits behind a command, or the
+                # attempt was dropped): hold what came, read no more. Paused
+                # before the event, a side linked in it was paused and resumed
+                # in one turn: six Python calls a call and the TLS layer's work.
+                self.pause_reading()
         elif len(self._pending) > exchange.max_head_bytes:
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
@@ -1567,7 +1572,9 @@ class FleetProtocol(_Side):
             self.tracker.feed(frames)
             if self.tracker.closed:  # the bot hung up with its 101
                 self.close_frame_read(frames)
-        if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+        # Paused where its head's event was not answered at once, or by the
+        # carrier's buffer filling with what was pending (flow control).
+        if self.reading_paused and carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         if progress is not None and self.exchange is not None:
             self._relay_progress(progress)
