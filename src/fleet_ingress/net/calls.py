@@ -733,7 +733,9 @@ class SilenceSweep:
         to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
         now = time.monotonic()
         call.quiet = QuietWatch(limits, call.carrier.bytes_received, to_carrier, now, now, now, now)
-        self._schedule(loop, limits.sweep_period)
+        period = limits.sweep_period
+        if loop.time() + period < self._due:  # (a pass is due before, most calls)
+            self._schedule(loop, period)
 
     def relimit(self, policy: SilencePolicy) -> None:
         """A reload's limits for the calls in their tunnel where they are longer:

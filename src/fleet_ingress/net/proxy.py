@@ -881,7 +881,7 @@ class CarrierProtocol(_Side):
     def _open_call(self, command: OpenCall) -> None:
         call = Call(self, self.client_ip, command.route, command.bot_id, machine=self.machine)
         self.call = call
-        self._received_at = time.monotonic()
+        self._received_at = call.started_mono  # (its clock read, not read again)
         self.ctx.registry.add_call(call)
 
     def _take_slot(self, command: TakeSlot) -> None:
