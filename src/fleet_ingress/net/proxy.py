@@ -1349,7 +1349,8 @@ class CarrierProtocol(_Side):
         call.quiet = None
         if ctx.access_log:
             write_event(access_log, logging.INFO, "call ended", call.access_record())
-        if (lease := self._held_lease()) is not None:
+        lease = call.lease  # (`_held_lease`, spelt out)
+        if lease is not None and lease.held:
             lease.call_logged()  # its worker's death now is no second line
 
     def _sides_gone(self, command: Command) -> None:
