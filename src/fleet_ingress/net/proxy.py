@@ -583,6 +583,7 @@ class CarrierProtocol(_Side):
         "_raw_head",
         "_reader",
         "_received_at",
+        "_slot_turn",
         "_task",
         "_timers",
         "_underway",
@@ -622,6 +623,8 @@ class CarrierProtocol(_Side):
         # and the session its connection resumed, once connected.
         self._fleet: tuple[FleetState, FleetSpec, fleet_sessions.KeptSession | None] | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
+        # The turn a free slot is taken on (`_take_slot`), while it is due.
+        self._slot_turn: asyncio.Handle | None = None
         self._head: RequestHead | None = None
         self._received_at = 0.0
         self._feeding = False
@@ -719,9 +722,7 @@ class CarrierProtocol(_Side):
         try:
             for command in self.machine.feed(event):
                 _COMMANDS[type(command)](self, command)
-            # One or two, and a call's slot grant (taken at once from this
-            # process's slot table, `_take_slot`) each call.
-            while self._events:
+            while self._events:  # rare, and one or two
                 for command in self.machine.feed(self._events.pop(0)):
                     _COMMANDS[type(command)](self, command)
         except Exception as exc:
@@ -885,13 +886,31 @@ class CarrierProtocol(_Side):
         self.ctx.registry.add_call(call)
 
     def _take_slot(self, command: TakeSlot) -> None:
-        lease_now = self.ctx.lease_now
-        if lease_now is not None and (lease := lease_now(command.avoid)) is not None:
-            # A free slot, taken at once (the in-process slot table): granted
-            # after this event's commands, with no task nor loop turn.
-            self._slot_granted(lease)
+        loop = self._loop or self._running_loop()
+        if self.ctx.lease_now is not None:
+            # The in-process slot table hands a free slot over at once: taken on
+            # the next turn by a callback, not a task (a task and its three
+            # coroutines cost ~20k instructions more a call). The next turn, as
+            # the task's first step was: the loop reads the carrier in between,
+            # so one that reset with its head ends before a slot is taken and a
+            # fleet connected (tests/e2e/test_dead_poll.py).
+            self._slot_turn = loop.call_soon(self._lease_at_once, command.avoid)
             return
-        self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
+        self._task = loop.create_task(self._lease(command.avoid))
+
+    def _lease_at_once(self, avoid: tuple[str, ...]) -> None:
+        self._slot_turn = None
+        lease_now = self.ctx.lease_now
+        assert lease_now is not None
+        try:
+            lease = lease_now(avoid)
+        except Exception as exc:
+            self._setup_failed(exc)
+            return
+        if lease is None:  # queued, or refused: awaited as any lease is
+            self._task = self._running_loop().create_task(self._lease(avoid))
+            return
+        self._slot_granted(lease)
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
@@ -1113,6 +1132,10 @@ class CarrierProtocol(_Side):
             fleet_sessions.failed(fleet, resumed)
 
     def _cancel_task(self) -> None:
+        """Stop waiting for a slot (its turn, or the lease task) or connecting."""
+        turn, self._slot_turn = self._slot_turn, None
+        if turn is not None:
+            turn.cancel()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -1357,7 +1380,7 @@ class CarrierProtocol(_Side):
         """Both sides of the ended call are gone: forget it."""
         call, ctx = self.call, self.ctx
         assert call is not None
-        if self._task is not None:  # (none in most calls: a Python call less)
+        if self._task is not None or self._slot_turn is not None:  # (none, most calls)
             self._cancel_task()
         ctx.registry.forget_call(call)
         _break_cycles(call)
