@@ -1605,3 +1605,18 @@ def test_an_illegal_event_names_the_state_and_the_event(setup, event, state):
         machine.feed(event)
     assert raised.value.state.value == state
     assert state in str(raised.value) and type(event).__name__ in str(raised.value)
+
+
+def test_a_command_emitted_between_events_is_raised_not_lost():
+    """Handlers append to the event's own list; between events a machine holds
+    none, and a command emitted then (a bug) raises rather than going nowhere."""
+    pb, machine = new_call()
+    assert up_to_slot(pb)
+    for emit in (lambda: machine._out.append(ReleaseSlot()), lambda: machine._take_slot()):
+        with pytest.raises(RuntimeError, match="only while an event is fed"):
+            emit()
+    assert machine.feed(SlotRefused("no fleet is up")) == [
+        Answer(503, "no fleet is up"),
+        CloseSide(Side.CARRIER),
+        CallEnded(EndReason.REFUSED),
+    ]

@@ -7,6 +7,7 @@ import pytest
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
@@ -155,3 +156,39 @@ async def test_calls_refused_until_a_fleet_goes_down_run_the_down_hooks_once():
     assert heard == []
     leases[2].fleet_unreachable()
     assert heard == ["a"] and leases[2].fleet.health is Health.DOWN
+
+
+async def test_lease_now_takes_a_free_slot_at_once_and_none_where_lease_would_wait():
+    """`lease_now` is `lease` where it would not wait: a slot on the least
+    loaded fleet, held until released; None once every fleet is full (the call
+    queues through `lease`), and None while a call waits, even with a slot
+    free (FIFO: nobody overtakes a waiting call)."""
+    d = _dispatcher()
+    first = d.lease_now()
+    assert first is not None and first.held and first.queued_s == 0
+    second = d.lease_now(avoid=())
+    assert second is not None and {first.fleet.name, second.fleet.name} == {"a", "b"}
+    assert [f.active for f in d.balancer.fleets] == [1, 1]
+    assert d.lease_now() is None  # full: `lease` queues it
+    waiter = asyncio.create_task(d.lease())
+    await asyncio.sleep(0.01)
+    assert d.queue_length == 1
+    first.release()  # handed to the waiter, not to a newcomer
+    assert d.lease_now() is None
+    handed = await waiter
+    assert handed.fleet is first.fleet and handed.held
+    handed.release()
+    second.release()
+    assert [f.active for f in d.balancer.fleets] == [0, 0]
+
+
+def test_lease_now_prefers_a_fleet_not_tried_and_none_when_no_fleet_is_up():
+    d = _dispatcher(maxconn=2)
+    lease = d.lease_now(avoid=("a",))
+    assert lease is not None and lease.fleet.name == "b"
+    lease.release()
+    d.balancer.fleets[1].admin = Admin.DRAIN
+    assert d.lease_now(avoid=("a",)).fleet.name == "a"  # never a fleet not READY
+    for fleet in d.balancer.fleets:
+        fleet.health = Health.DOWN
+    assert d.lease_now() is None  # `lease` refuses it, saying why

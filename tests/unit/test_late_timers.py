@@ -13,6 +13,7 @@ from fleet_ingress.net.late_timers import (
     PatientDeadline,
     PatientTimer,
     patient_timeout,
+    put_off_by,
     wait_patiently,
 )
 
@@ -165,3 +166,19 @@ def test_a_deadline_asked_late_after_it_passed_moves_on_once():
     assert late.passed()
     time.sleep(0.01 + 2 * STALL)
     assert late.passed()  # once only
+
+
+@pytest.mark.parametrize(
+    ("late", "answered", "put_off"),
+    [
+        (0.0, None, None),  # on time: fires
+        (STALL, None, None),  # at the bound, still on time
+        (STALL + 0.01, None, AFTER_STALL),  # late: put off once
+        (3.0, lambda: False, None),  # late, its peer did not answer: fires
+        (0.3, lambda: True, 0.3),  # answered: by how late it came
+        (9.0, lambda: True, 5.0),  # ... its delay at most
+    ],
+)
+def test_put_off_by_is_patient_timers_rule(late, answered, put_off):
+    """The rule a PatientTimer and the call pump's timers share (`put_off_by`)."""
+    assert put_off_by(late, 5.0, answered) == put_off

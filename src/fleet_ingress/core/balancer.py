@@ -341,7 +341,15 @@ class FleetState:
     def has_room(self) -> bool:
         """A pick may choose it: below maxconn and not FULL, counting slots
         reserved for workers' budgets as taken."""
-        return self.active + self.standing < self.maxconn and not self.full
+        if self.active + self.standing >= self.spec.maxconn:
+            return False
+        available = self.reported_available
+        if not self.capacity_aware or available is None:
+            return True
+        # Not FULL: `estimated_available` above 0, spelt out here (a pick reads
+        # this of every fleet UP; through `full` it was four Python calls).
+        opened_since = self.opened_total - self.opened_at_probe
+        return available - opened_since - len(self.unseen) - self.standing > 0
 
     @property
     def takes_calls(self) -> bool:
@@ -417,19 +425,19 @@ class Balancer:
         # room, the least (tried already, active calls, place after the
         # round-robin cursor): fresh before tried, then fewest calls, then the
         # next in turn.
-        fleets = self.fleets
+        fleets = self.members.fleets
         n = len(fleets)
         any_up = False
         chosen: FleetState | None = None
         chosen_at = 0
         best: tuple[bool, int, int] | None = None
         for i, f in enumerate(fleets):
-            if not f.up:
+            if f.health is not _UP or f.admin is not _READY:  # `up`, spelt out
                 continue
             any_up = True
             if not f.has_room:
                 continue
-            key = (f.name in avoid, f.active, (i - self._next) % n)
+            key = (f.spec.name in avoid, f.active, (i - self._next) % n)
             if best is None or key < best:
                 chosen, chosen_at, best = f, i, key
         if chosen is None:

@@ -241,9 +241,6 @@ class Call:
             self.fleet_side.abort()
         self.carrier.abort()
 
-    def watch_silence(self, limits: SilenceLimits, now: float) -> None:
-        self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
-
     def read_ended_sides(self) -> None:
         """Read each side whose connection has ended without a read to tell
         (uvloop's poll stopped by an error event): its loss ends the call as
@@ -412,7 +409,10 @@ class Registry:
     # Their carriers stay in `connections` until they are gone; what their
     # sides hold and the slots they still hold count; a drain waits for them.
     closing: set[Call] = field(default_factory=set)
-    _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made by a wait for no call (`wait_no_calls`, a drain's), set and let go
+    # once none is left: a call's start and end touch no Event (two Python
+    # calls a call, its clear and its set, when it was kept).
+    _no_calls: asyncio.Event | None = None
     # Frontend totals (live calls add theirs when read: see relayed_bytes()).
     connections_total: int = 0  # carriers through their TLS handshake
     handshaking: int = 0  # accepted, TLS handshake under way
@@ -460,7 +460,8 @@ class Registry:
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
-        self.counted()
+        for hook in self.on_counted:  # `counted`, spelt out: twice a call
+            hook()
 
     def counted(self) -> None:
         """A count moved: tell whoever sends them on (`on_counted`)."""
@@ -493,7 +494,6 @@ class Registry:
 
     def add_call(self, call: Call) -> None:
         self.calls.add(call)
-        self._no_calls.clear()
 
     def remove_call(self, call: Call) -> bool:
         """The call's end is settled (its access line): out of the live calls,
@@ -503,16 +503,18 @@ class Registry:
         self.calls.discard(call)
         self.closing.add(call)
         call.ended_mono = time.monotonic()
-        # Each of Call's properties read once (a Python call each read).
-        from_carrier, to_carrier = call.bytes_from_carrier, call.bytes_to_carrier
+        # What Call's properties say, read from their fields (a property is a
+        # Python call a read; `name` too: the fleet's spec has it).
+        fleet_side, lease = call.fleet_side, call.lease
+        from_carrier = call.carrier.bytes_received
+        to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
         call.bytes_at_end = (from_carrier, to_carrier)
         self.ended_bytes_from_carrier += from_carrier
         self.ended_bytes_to_carrier += to_carrier
-        fleet = call.fleet
         machine = call.machine
         end_reason = None if machine is None else machine.end_reason
         reason = "unknown" if end_reason is None else _REASON_WORD[end_reason]
-        self.ended[(fleet.name if fleet else "", reason)] += 1
+        self.ended[("" if lease is None else lease.fleet.spec.name, reason)] += 1
         if end_reason is _REFUSED:
             own = machine is None or machine.answer_text is not None
             who = REFUSED_BY_INGRESS if own else REFUSED_BY_FLEET
@@ -528,10 +530,13 @@ class Registry:
         if call in self.closing:
             self.closing.discard(call)
             logged_from, logged_to = call.bytes_at_end or (0, 0)
-            self.ended_bytes_from_carrier += call.bytes_from_carrier - logged_from
-            self.ended_bytes_to_carrier += call.bytes_to_carrier - logged_to
-        if not self.calls and not self.closing:
+            fleet_side = call.fleet_side  # (not its properties: a Python call each)
+            to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
+            self.ended_bytes_from_carrier += call.carrier.bytes_received - logged_from
+            self.ended_bytes_to_carrier += to_carrier - logged_to
+        if self._no_calls is not None and not self.calls and not self.closing:
             self._no_calls.set()
+            self._no_calls = None
 
     def every_call(self) -> list[Call]:
         """The live calls and the ended ones whose sides are still closing:
@@ -544,6 +549,8 @@ class Registry:
         exits as its last call's close frame or TLS close is being flushed
         cuts it, and a peer that reads slowly but reads got a reset, 1006."""
         if self.calls or self.closing:
+            if self._no_calls is None:
+                self._no_calls = asyncio.Event()
             await self._no_calls.wait()
 
     def tunnels(self) -> list[Call]:
@@ -720,8 +727,15 @@ class SilenceSweep:
         loop = self._timer_loop if self._timer is not None else None
         if loop is None:
             loop = asyncio.get_running_loop()
-        call.watch_silence(limits, time.monotonic())
-        self._schedule(loop, limits.sweep_period)
+        # The call's counts read from its sides (its byte properties and
+        # QuietWatch.start were four Python calls a linked call).
+        fleet_side = call.fleet_side
+        to_carrier = 0 if fleet_side is None else fleet_side.bytes_received
+        now = time.monotonic()
+        call.quiet = QuietWatch(limits, call.carrier.bytes_received, to_carrier, now, now, now, now)
+        period = limits.sweep_period
+        if loop.time() + period < self._due:  # (a pass is due before, most calls)
+            self._schedule(loop, period)
 
     def relimit(self, policy: SilencePolicy) -> None:
         """A reload's limits for the calls in their tunnel where they are longer:

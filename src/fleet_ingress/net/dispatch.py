@@ -126,9 +126,10 @@ class Lease:
 
     def fleet_answered(self, at: float) -> None:
         """The fleet answered this call `101` at `at` (monotonic): out of flight."""
-        self.fleet.call_connected()
+        fleet = self.fleet
+        fleet.call_failures = 0  # `call_connected`, spelt out (a Python call a call)
         if self._grant is not None:
-            self.fleet.lease_answered(self._grant, at)
+            fleet.lease_answered(self._grant, at)
 
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: FULL until its next probe."""
@@ -210,6 +211,19 @@ class Dispatcher:
         grant = await self._acquire(avoid)
         return Lease(self, grant.fleet, grant)
 
+    def lease_now(self, avoid: Collection[str] = ()) -> Lease | None:
+        """The slot `lease` would hand over without waiting (a fleet has room
+        and no call waits before this one), taken now: no coroutine, no task
+        and no loop turn for the common call (`net.proxy` asks this first).
+        None where `lease` must be awaited: it queues the call, or refuses it.
+        The pick takes only a READY fleet: the call machine answers a grant
+        on one that is not by giving it back and asking again, which taken
+        at once would loop without a turn of the loop between (session 47)."""
+        if self._queue:  # FIFO: nobody overtakes a waiting call
+            return None
+        fleet = self.balancer.pick(avoid).fleet
+        return None if fleet is None else Lease(self, fleet, self._open(fleet))
+
     async def acquire(self, avoid: Collection[str] = ()) -> FleetState:
         """A fleet with a slot taken for this call, or `NoFleetAvailable`
         (given back with `release(fleet)`; `lease` also follows the call's flight)."""
@@ -275,7 +289,8 @@ class Dispatcher:
         self.balancer.close(fleet, grant)
         for hook in self.on_release:
             hook(fleet)
-        self.wake()
+        if self._queue:  # (`wake`'s own first look: no call waits, most releases)
+            self.wake()
 
     def wake(self) -> None:
         """Hand freed slots to waiters in order. Call whenever room may have

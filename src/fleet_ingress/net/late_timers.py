@@ -35,6 +35,23 @@ STALL = 0.1
 AFTER_STALL = 0.05
 
 
+def put_off_by(
+    late: float,
+    delay: float,
+    answered: Callable[[], bool] | None,
+    put_off: float = AFTER_STALL,
+) -> float | None:
+    """How long a timer of `delay` that runs `late` seconds past its due time,
+    its first run, is put off (`PatientTimer`'s rule); None: it fires now."""
+    if late <= STALL:
+        return None
+    if answered is None:
+        return put_off
+    if answered():
+        return max(AFTER_STALL, min(late, delay))
+    return None
+
+
 class PatientTimer:
     """`loop.call_later(delay, callback, *args)`, put off once by `put_off`
     (AFTER_STALL) if it comes over STALL late; given `answered`, only if that
@@ -70,13 +87,10 @@ class PatientTimer:
         self._handle = loop.call_later(delay, self._due, True)
 
     def _due(self, first: bool) -> None:
-        late = self._loop.time() - self._when
-        if first and late > STALL:
-            if self._answered is None:
-                self._handle = self._loop.call_later(self._put_off, self._due, False)
-                return
-            if self._answered():
-                wait = max(AFTER_STALL, min(late, self._delay))
+        if first:
+            late = self._loop.time() - self._when
+            wait = put_off_by(late, self._delay, self._answered, self._put_off)
+            if wait is not None:
                 self._handle = self._loop.call_later(wait, self._due, False)
                 return
         self._callback(*self._args)

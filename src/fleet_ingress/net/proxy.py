@@ -34,7 +34,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -118,7 +118,7 @@ from fleet_ingress.net import fleet_sessions
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
-from fleet_ingress.net.late_timers import PatientTimer, peer_moved
+from fleet_ingress.net.late_timers import PatientTimer, peer_moved, put_off_by
 from fleet_ingress.net.liveness import (
     RESET_ON_CLOSE,
     PeerGaveNoAnswer,
@@ -223,6 +223,10 @@ class ProxyContext:
     heads: HeadQueue = field(default_factory=HeadQueue)
     # What each call's machine consults (built from the fields above).
     rules: CallRules = field(init=False, repr=False)
+    # `slots.lease_now` where the slot source can hand a free slot over at
+    # once (this process's `Dispatcher`), else None: every lease is awaited
+    # (a worker's `SlotClient`, which asks its supervisor).
+    lease_now: Callable[[tuple[str, ...]], HeldSlot | None] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         rules = CallRules(
@@ -233,6 +237,7 @@ class ProxyContext:
             response_timeout=self.response_timeout,
         )
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "lease_now", getattr(self.slots, "lease_now", None))
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -578,6 +583,7 @@ class CarrierProtocol(_Side):
         "_raw_head",
         "_reader",
         "_received_at",
+        "_slot_turn",
         "_task",
         "_timers",
         "_underway",
@@ -610,13 +616,15 @@ class CarrierProtocol(_Side):
         # That look found it ended: what it sends is read to its end and dropped.
         self._ended_at_bound = False
         # Put off after a stall: an answer waiting unread goes first (late_timers).
-        self._timers: dict[Timer, PatientTimer] = {}
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
         self._underway: Underway | None = None
         # The fleet of the current attempt (its TLS session kept at the link),
         # and the session its connection resumed, once connected.
         self._fleet: tuple[FleetState, FleetSpec, fleet_sessions.KeptSession | None] | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
+        # The turn a free slot is taken on (`_take_slot`), while it is due.
+        self._slot_turn: asyncio.Handle | None = None
         self._head: RequestHead | None = None
         self._received_at = 0.0
         self._feeding = False
@@ -635,7 +643,8 @@ class CarrierProtocol(_Side):
         registry.connections.add(self)
         registry.connections_total += 1
         registry.counted()
-        self._run(self.machine.start())
+        for command in self.machine.start():
+            _COMMANDS[type(command)](self, command)
 
     def data_received(self, data: Buffer) -> None:
         peer = self.peer
@@ -711,11 +720,11 @@ class CarrierProtocol(_Side):
             return
         self._feeding = True
         try:
-            # `_run`'s loop, here: about nine events a call, a Python call each.
             for command in self.machine.feed(event):
                 _COMMANDS[type(command)](self, command)
-            while self._events:
-                self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
+            while self._events:  # rare, and one or two
+                for command in self.machine.feed(self._events.pop(0)):
+                    _COMMANDS[type(command)](self, command)
         except Exception as exc:
             # A bug (an event the machine refuses, or a command that raised): said
             # loudly, but the call must not stay where its commands left it, with a
@@ -837,14 +846,9 @@ class CarrierProtocol(_Side):
         self._head = head
         self.feed(HeadParsed(head))
 
-    # The commands ----------------------------------------------------------
+    # The commands (run by `feed`, each by its type: `_COMMANDS`) -----------
 
-    def _run(self, commands: list[Command]) -> None:
-        for command in commands:
-            _COMMANDS[type(command)](self, command)
-
-    def _answer(self, command: Command) -> None:
-        assert isinstance(command, Answer)
+    def _answer(self, command: Answer) -> None:
         status = command.status
         # Refused as it was read (431, 408): what came of its first line, for
         # its log line, and no body for a HEAD.
@@ -875,16 +879,38 @@ class CarrierProtocol(_Side):
     def _parse_head_later(self, command: Command) -> None:
         self.ctx.heads.add(self._parse_head)
 
-    def _open_call(self, command: Command) -> None:
-        assert isinstance(command, OpenCall)
+    def _open_call(self, command: OpenCall) -> None:
         call = Call(self, self.client_ip, command.route, command.bot_id, machine=self.machine)
         self.call = call
-        self._received_at = time.monotonic()
+        self._received_at = call.started_mono  # (its clock read, not read again)
         self.ctx.registry.add_call(call)
 
-    def _take_slot(self, command: Command) -> None:
-        assert isinstance(command, TakeSlot)
-        self._task = (self._loop or self._running_loop()).create_task(self._lease(command.avoid))
+    def _take_slot(self, command: TakeSlot) -> None:
+        loop = self._loop or self._running_loop()
+        if self.ctx.lease_now is not None:
+            # The in-process slot table hands a free slot over at once: taken on
+            # the next turn by a callback, not a task (a task and its three
+            # coroutines cost ~20k instructions more a call). The next turn, as
+            # the task's first step was: the loop reads the carrier in between,
+            # so one that reset with its head ends before a slot is taken and a
+            # fleet connected (tests/e2e/test_dead_poll.py).
+            self._slot_turn = loop.call_soon(self._lease_at_once, command.avoid)
+            return
+        self._task = loop.create_task(self._lease(command.avoid))
+
+    def _lease_at_once(self, avoid: tuple[str, ...]) -> None:
+        self._slot_turn = None
+        lease_now = self.ctx.lease_now
+        assert lease_now is not None
+        try:
+            lease = lease_now(avoid)
+        except Exception as exc:
+            self._setup_failed(exc)
+            return
+        if lease is None:  # queued, or refused: awaited as any lease is
+            self._task = self._running_loop().create_task(self._lease(avoid))
+            return
+        self._slot_granted(lease)
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
@@ -903,10 +929,14 @@ class CarrierProtocol(_Side):
             self._setup_failed(exc)
             return
         self._task = None
-        assert self.call is not None
-        self.call.lease = lease
+        self._slot_granted(lease)
+
+    def _slot_granted(self, lease: HeldSlot) -> None:
+        call = self.call
+        assert call is not None
+        call.lease = lease
         if lease.queued_s != 0:
-            self.ctx.registry.slot_waited(self.call, lease.queued_s, granted=True)
+            self.ctx.registry.slot_waited(call, lease.queued_s, granted=True)
         self.feed(SlotGranted(lease.fleet))
 
     def _cancel_slot_wait(self, command: Command) -> None:
@@ -928,13 +958,11 @@ class CarrierProtocol(_Side):
         if (lease := self._held_lease()) is not None:
             lease.fleet_said_full()
 
-    def _fleet_unreachable(self, command: Command) -> None:
-        assert isinstance(command, FleetUnreachable)
+    def _fleet_unreachable(self, command: FleetUnreachable) -> None:
         if (lease := self._held_lease()) is not None:
             lease.fleet_unreachable(refused=command.refused)
 
-    def _connect_fleet(self, command: Command) -> None:
-        assert isinstance(command, ConnectFleet)
+    def _connect_fleet(self, command: ConnectFleet) -> None:
         call = self.call
         assert call is not None
         head = self._head
@@ -1051,11 +1079,13 @@ class CarrierProtocol(_Side):
         if self._task is asyncio.current_task(self._loop):
             self.feed(OfferedConnectionFailed())
 
-    async def _connect_tls(
+    def _connect_tls(
         self, spec: FleetSpec, underway: Underway, offered: fleet_sessions.KeptSession | None
-    ) -> TLSConnection:
+    ) -> Coroutine[Any, Any, TLSConnection]:
+        """`connect`'s coroutine itself, awaited by `_connect` (a coroutine of
+        its own around it was one more frame each of its steps went through)."""
         ctx = self.ctx
-        return await connect(
+        return connect(
             spec.host,
             spec.port,
             ctx.fleet_ssl,
@@ -1102,12 +1132,15 @@ class CarrierProtocol(_Side):
             fleet_sessions.failed(fleet, resumed)
 
     def _cancel_task(self) -> None:
+        """Stop waiting for a slot (its turn, or the lease task) or connecting."""
+        turn, self._slot_turn = self._slot_turn, None
+        if turn is not None:
+            turn.cancel()
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
 
-    def _log_attempt_failed(self, command: Command) -> None:
-        assert isinstance(command, LogAttemptFailed)
+    def _log_attempt_failed(self, command: LogAttemptFailed) -> None:
         values = {
             "call_id": None if self.call is None else self.call.id,
             "fleet": command.fleet,
@@ -1149,8 +1182,7 @@ class CarrierProtocol(_Side):
         if look is not None:
             look.cancel()
 
-    def _link(self, command: Command) -> None:
-        assert isinstance(command, Link)
+    def _link(self, command: Link) -> None:
         if self._early_look is not None:
             self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
@@ -1194,14 +1226,15 @@ class CarrierProtocol(_Side):
             if self.tracker.closed:  # the carrier hung up before the 101
                 self.close_frame_read(early)
         self.peer = self.peer_writer(fleet_side.transport)
-        if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+        # Paused only at the early bound (`_early_bound_reached`): asked first,
+        # the fleet's buffer and `resume_reading` are two Python calls a call.
+        if self.reading_paused and fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         ctx.registry.sweep.watch_tunnel(call, ctx.silence)
         ctx.registry.dead_peers.watch(ctx.liveness.user_timeout, call.id)
         ctx.registry.call_linked(call)
 
-    def _relay(self, command: Command) -> None:
-        assert isinstance(command, Relay)
+    def _relay(self, command: Relay) -> None:
         if self._early_look is not None:
             self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
@@ -1217,8 +1250,7 @@ class CarrierProtocol(_Side):
         ctx.registry.sweep.watch(call, SilenceLimits(idle=ctx.response_timeout))
         fleet_side.link(self, relaying=True)
 
-    def _close_side(self, command: Command) -> None:
-        assert isinstance(command, CloseSide)
+    def _close_side(self, command: CloseSide) -> None:
         side = self if command.side is _CARRIER else self.fleet_side
         if side is None or side.saying_goodbye:  # its close follows its goodbye
             return
@@ -1273,47 +1305,61 @@ class CarrierProtocol(_Side):
         writer.timer = PatientTimer(self._running_loop(), GOODBYE_BOUNDARY_WAIT, writer.give_up)
         return True
 
-    def _abort_side(self, command: Command) -> None:
-        assert isinstance(command, AbortSide)
+    def _abort_side(self, command: AbortSide) -> None:
         side = self if command.side is _CARRIER else self.fleet_side
         if side is not None:
             side.abort()
 
-    def _start_timer(self, command: Command) -> None:
-        assert isinstance(command, StartTimer)
-        old = self._timers.pop(command.timer, None)
+    def _start_timer(self, command: StartTimer) -> None:
+        """A loop timer of the machine's, the loop's handle kept (no timer
+        object of ours: three a call), put off after a stall as a PatientTimer
+        is (`_timer_due`)."""
+        timers = self._timers
+        timer = command.timer
+        old = timers.pop(timer, None)
         if old is not None:
             old.cancel()
         # After a stall, the connect timer is put off only if the fleet answered
         # meanwhile (a connection made, unread): one that did not fails at once.
-        underway = self._underway if command.timer is _CONNECT_TIMER else None
+        underway = self._underway if timer is _CONNECT_TIMER else None
         answered = None if underway is None else underway.answered
-        self._timers[command.timer] = PatientTimer(
-            self._loop or self._running_loop(),  # set at connection_made: three a call
-            command.seconds,
-            self._timer_fired,
-            command.timer,
-            answered=answered,
-        )
+        loop = self._loop or self._running_loop()  # set at connection_made
+        seconds = command.seconds
+        # Its own due time: uvloop answers a delay under its 1 ms tick with a
+        # plain Handle, which has no `when()`.
+        when = loop.time() + seconds
+        timers[timer] = loop.call_later(seconds, self._timer_due, command, when, answered)
+
+    def _timer_due(
+        self, command: StartTimer, when: float, answered: Callable[[], bool] | None
+    ) -> None:
+        """A timer's due time has come: run over STALL late (the loop did not
+        run), it is put off once (`late_timers.put_off_by`), so that an answer
+        waiting unread is read first and cancels it; else it fires."""
+        loop = self._running_loop()
+        wait = put_off_by(loop.time() - when, command.seconds, answered)
+        if wait is not None:
+            self._timers[command.timer] = loop.call_later(wait, self._timer_fired, command.timer)
+            return
+        self._timer_fired(command.timer)
 
     def _timer_fired(self, timer: Timer) -> None:
-        self._forget_timer(timer)
+        timers = self._timers
+        timers.pop(timer, None)
+        if not timers:
+            self._timers = {}  # see `_cancel_timer`
         self.feed(TimerFired(timer))
 
-    def _cancel_timer(self, command: Command) -> None:
-        assert isinstance(command, CancelTimer)
-        handle = self._forget_timer(command.timer)
+    def _cancel_timer(self, command: CancelTimer) -> None:
+        timers = self._timers
+        handle = timers.pop(command.timer, None)
         if handle is not None:
             handle.cancel()
-
-    def _forget_timer(self, timer: Timer) -> PatientTimer | None:
-        """Take `timer` out. Emptied, the dict is made anew: a call holds no
-        timer in its tunnel, and a dict keeps the table its entries had (160
-        bytes a held call, memory per call: issue 13)."""
-        handle = self._timers.pop(timer, None)
-        if not self._timers:
+        if not timers:
+            # Emptied, the dict is made anew: a call holds no timer in its
+            # tunnel, and a dict keeps the table its entries had (160 bytes a
+            # held call, memory per call: issue 13).
             self._timers = {}
-        return handle
 
     def _call_ended(self, command: Command) -> None:
         """The call's end is settled: its access line, out of the live calls.
@@ -1326,14 +1372,16 @@ class CarrierProtocol(_Side):
         call.quiet = None
         if ctx.access_log:
             write_event(access_log, logging.INFO, "call ended", call.access_record())
-        if (lease := self._held_lease()) is not None:
+        lease = call.lease  # (`_held_lease`, spelt out)
+        if lease is not None and lease.held:
             lease.call_logged()  # its worker's death now is no second line
 
     def _sides_gone(self, command: Command) -> None:
         """Both sides of the ended call are gone: forget it."""
         call, ctx = self.call, self.ctx
         assert call is not None
-        self._cancel_task()
+        if self._task is not None or self._slot_turn is not None:  # (none, most calls)
+            self._cancel_task()
         ctx.registry.forget_call(call)
         _break_cycles(call)
 
@@ -1351,7 +1399,9 @@ class CarrierProtocol(_Side):
         self._timers.clear()
 
 
-_COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
+# Each command's method, by its type: it takes a command of that type (no
+# isinstance check in each: an assert a command, some twenty a call).
+_COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Any], None]] = {
     Answer: CarrierProtocol._answer,
     ParseHead: CarrierProtocol._parse_head_later,
     OpenCall: CarrierProtocol._open_call,
@@ -1451,8 +1501,13 @@ class FleetProtocol(_Side):
             head = exchange.head
             assert head is not None
             self._head_read = True
-            self.pause_reading()
             self.pump.feed(FLEET_SWITCHED if head.switched else FleetHead(head.status, False))
+            if self.peer is None:
+                # Not linked by it (its event waits behind a command, or the
+                # attempt was dropped): hold what came, read no more. Paused
+                # before the event, a side linked in it was paused and resumed
+                # in one turn: six Python calls a call and the TLS layer's work.
+                self.pause_reading()
         elif len(self._pending) > exchange.max_head_bytes:
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
@@ -1541,7 +1596,9 @@ class FleetProtocol(_Side):
             self.tracker.feed(frames)
             if self.tracker.closed:  # the bot hung up with its 101
                 self.close_frame_read(frames)
-        if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+        # Paused where its head's event was not answered at once, or by the
+        # carrier's buffer filling with what was pending (flow control).
+        if self.reading_paused and carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         if progress is not None and self.exchange is not None:
             self._relay_progress(progress)
