@@ -15,6 +15,7 @@ STEADY_COLUMNS = [
     ("cpu_s_per_1000_msgs", "CPU s / 1000 msgs", 5),
     ("proxy_cores", "proxy cores", 3),
     ("rss_kib_per_call", "RSS KiB / call", 1),
+    ("rss_kib_per_call_end_of_window", "RSS KiB / call at the window's end", 1),
     ("sleeps_per_msg", "wakes / msg", 2),
     ("handshake_ms_p50", "handshake p50 ms", 2),
     ("handshake_ms_p99", "handshake p99 ms", 2),
@@ -28,6 +29,7 @@ STEADY_COLUMNS = [
 ]
 IDLE_COLUMNS = [
     ("rss_kib_per_call", "RSS KiB / call", 1),
+    ("rss_kib_per_call_end_of_hold", "RSS KiB / call at the hold's end", 1),
     ("established_at_sample", "calls held", 0),
     ("rss_kib_baseline", "RSS baseline KiB", 0),
     ("rss_kib_with_calls", "RSS with calls KiB", 0),
@@ -63,7 +65,9 @@ RATIO_KEYS = {
 }
 COLUMNS = {"steady": STEADY_COLUMNS, "idle": IDLE_COLUMNS, "churn": CHURN_COLUMNS}
 # Columns added after runs were stored: shown (and summarized) only for runs that have them.
-OPTIONAL_COLUMNS = frozenset({"sleeps_per_msg"})
+OPTIONAL_COLUMNS = frozenset(
+    {"sleeps_per_msg", "rss_kib_per_call_end_of_window", "rss_kib_per_call_end_of_hold"}
+)
 
 
 def write_json(rep: dict[str, Any], path: Path) -> None:

@@ -482,6 +482,13 @@ class Memory:
         self.by_process1, self.rollup1 = run.rss_by_process(self.target), run.rollup(self.target)
         self.hook = await memhook(self.target, "calls", self.hook, calls)
 
+    def per_call_later(self, rss: int | None, calls: int) -> float | None:
+        """RSS KiB a call from a later reading of the tree (the window's or the hold's end)
+        over the same baseline: beside ``rss_kib_per_call``, whether the figure had settled."""
+        if not (self.rss0 and rss and calls):
+            return None
+        return round((rss - self.rss0) / calls, 1)
+
     def per_call(self) -> dict[str, Any]:
         ok = self.rss0 and self.rss1 and self.calls
         split = (

@@ -43,7 +43,7 @@ async def idle(run: Run, target: Target, calls: int, hold: float) -> dict[str, A
         await mem.with_calls(run, established)
         await asyncio.sleep(max(0.0, a.t + hold - time.monotonic()))
         b = run.sample(target, [gens])
-        rss_end = run.rss(target)
+        rss_end, established_end = run.rss(target), gens.total("established")
         recs = await gens.stop(timeout=60)
     loads = run.loads(a, b)
     return {
@@ -52,6 +52,7 @@ async def idle(run: Run, target: Target, calls: int, hold: float) -> dict[str, A
         "rss_kib_baseline": mem.rss0,
         "rss_kib_with_calls": mem.rss1,
         "rss_kib_end_of_hold": rss_end,
+        "rss_kib_per_call_end_of_hold": mem.per_call_later(rss_end, established_end),
         **mem.per_call(),
         "idle_cpu_ms_per_call_minute": ratio(
             loads["proxy_cpu_s"] * 1000 * 60, established * loads["window_s"]

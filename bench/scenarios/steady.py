@@ -56,6 +56,7 @@ async def steady(
             perf = loop.create_task(profile.perf_record(run.children, target.pid, seconds - 1, out))
         await asyncio.sleep(max(0.0, a.t + seconds - time.monotonic()))
         b = run.sample(target, [gens])
+        rss_end, established_end = run.rss(target), gens.total("established")
         spy_path = await spy if spy is not None else None
         perf_path = await perf if perf is not None else None
         recs = await gens.stop(timeout=30)
@@ -85,6 +86,9 @@ async def steady(
         "sleeps_per_msg": ratio(loads["proxy_sleeps"], msgs) if proxy else None,
         "rss_kib_baseline": mem.rss0,
         "rss_kib_with_calls": mem.rss1,
+        "rss_kib_end_of_window": rss_end,
+        "established_at_window_end": established_end,
+        "rss_kib_per_call_end_of_window": mem.per_call_later(rss_end, established_end),
         "rss_kib_after": rss_after,
         **mem.per_call(),
         "py_spy": {"file": spy_path.name, **profile.summarize(spy_path)} if spy_path else None,

@@ -21,7 +21,7 @@ from bench.harness import callgrind, procfs, profile, report, targets
 from bench.harness.carrier import Recorder
 from bench.harness.children import REPO
 from bench.harness.generator import Generators, Progress, call_bounds, merged_percentile
-from bench.harness.run import Sample, cores_by_role, process_roles
+from bench.harness.run import Memory, Sample, cores_by_role, process_roles
 from bench.harness.stats import (
     bucket_upper,
     count_between,
@@ -1120,6 +1120,26 @@ def test_memory_per_call_is_split_by_mapping_and_process_and_rendered() -> None:
             del res["rss_kib_per_call_by_process"]
     assert "memory_per_call" not in report.summarize_rounds("idle", rounds)
     assert report.memory_table({}) == []
+
+
+def test_a_later_reading_divides_by_its_own_calls_over_the_same_baseline() -> None:
+    mem = Memory(target=None, rss0=100_000, map0={}, hook=None)  # type: ignore[arg-type]
+    assert mem.per_call_later(104_000, 100) == 40.0
+    assert mem.per_call_later(104_000, 80) == 50.0  # calls gone by then: fewer to divide by
+    assert mem.per_call_later(None, 100) is None
+    assert mem.per_call_later(104_000, 0) is None
+    # Shown as a column beside the first reading when the run has it, not for older runs.
+    rounds = [
+        {"ingress": {"rss_kib_per_call": 36.0, "rss_kib_per_call_end_of_window": v}}
+        for v in (36.5, 37.5, 36.9)
+    ]
+    summary = report.summarize_rounds("steady", rounds)["summary"]["ingress"]
+    assert summary["rss_kib_per_call_end_of_window"]["median"] == 36.9
+    older = [{"ingress": {"rss_kib_per_call": 36.0}}]
+    assert (
+        "rss_kib_per_call_end_of_window"
+        not in report.summarize_rounds("steady", older)["summary"]["ingress"]
+    )
 
 
 def test_system_call_counts_are_read_from_strace_and_from_perf_stat(tmp_path: Path) -> None:
