@@ -328,6 +328,7 @@ class CarrierListener:
                 conn,
                 self.server_ssl(),
                 nodelay=not inherited,
+                meter=registry.new_connection_cpu,  # until its call is linked: a flood's cost
             )
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
@@ -335,7 +336,6 @@ class CarrierListener:
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
             return
-        tls.meter(registry.new_connection_cpu)  # until its call is linked: a flood's cost
         tls.steps_in(ctx.heads)  # a burst's ClientHellos answered over many loop turns
         registry.handshaking += 1
         self._handshakes.add(tls)

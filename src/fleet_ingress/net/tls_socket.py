@@ -303,8 +303,13 @@ class TLSConnection:
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
         writer_registered: bool = False,
+        meter: CpuMeter | None = None,
     ) -> None:
-        """``writer_registered``: the descriptor has a writer registered already
+        """``meter``: as `meter(meter)` once made, without its look at the
+        registrations (none is this connection's yet: a call's two connections
+        made a meter() call each, three Python calls, session 48).
+
+        ``writer_registered``: the descriptor has a writer registered already
         (its TCP connect's: `open_tcp` with ``keep_writer``), taken over here and
         replaced or removed at the first registration: with uvloop a descriptor
         whose last interest is removed has its poll handle closed, and a new one
@@ -377,7 +382,7 @@ class TLSConnection:
         self._drain_below_tls = False
         self._high_water = high_water
         self._max_buffer = max_buffer
-        self._meter: CpuMeter | None = None  # counts this connection's work (meter())
+        self._meter = meter  # counts this connection's work (meter())
         # Until its call is linked (`linked`): a read event's read is followed by
         # a look at TCP, for a reset that came with the bytes read (`_read_watched`).
         self._setting_up = True
@@ -409,10 +414,12 @@ class TLSConnection:
         once rather than a sweep pass later. Nothing is registered again: the
         reader's callback reads `_detour` (it was an add_reader a side, about
         5,000 instructions each on uvloop, session 41)."""
+        metered = self._meter is not None
         self._meter = None
         self._setting_up = False
         self._detour_changed()
-        self._writer_changed()
+        if metered:  # the writer's callback was the metered one: registered again
+            self._writer_changed()
         self._loop.call_soon(self.read_if_ended)
 
     def _detour_changed(self) -> None:
@@ -1651,14 +1658,16 @@ def wrap_accepted(
     ctx: ssl.SSLContext,
     *,
     nodelay: bool = True,
+    meter: CpuMeter | None = None,
     **kw: int,
 ) -> TLSConnection:
     """The server side of an accepted TCP socket (handshake not started).
-    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener)."""
+    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener).
+    ``meter``: where its I/O callbacks are counted (`TLSConnection.meter`)."""
     sock.setblocking(False)
     if nodelay:
         _nodelay(sock)
-    return TLSConnection(loop, sock, tls_on(sock, ctx, server_side=True), **kw)
+    return TLSConnection(loop, sock, tls_on(sock, ctx, server_side=True), meter=meter, **kw)
 
 
 async def connect(
@@ -1710,7 +1719,7 @@ async def connect(
             tls = tls_on(
                 sock, ctx, server_side=False, server_hostname=server_hostname, session=session
             )
-            conn = TLSConnection(loop, sock, tls, writer_registered=True, **kw)
+            conn = TLSConnection(loop, sock, tls, writer_registered=True, meter=meter, **kw)
         except BaseException:
             loop.remove_writer(fd)
             sock.close()
@@ -1720,8 +1729,6 @@ async def connect(
             calls = session_calls()
             if calls is not None:
                 offered = calls.set_session(conn._ssl, kept_session.pointer) == 1
-        if meter is not None:
-            conn.meter(meter)  # its handshake, until its call is linked (`linked`)
         try:
             if underway is None:
                 await conn.handshake(timeout)  # the outer timeout is the one that counts
