@@ -218,6 +218,7 @@ class CarrierListener:
             self._loop,
             self.sock,
             self._accepted,
+            with_address=True,
             per_wake=1,
             on_error=self._accept_failed,
             pace=self._pace,
@@ -271,11 +272,11 @@ class CarrierListener:
         registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
         return pause
 
-    def _accepted(self, conn: socket.socket) -> None:
+    def _accepted(self, conn: socket.socket, peername: tuple[str, int]) -> None:
         ctx = self.context()
-        ctx.registry.new_connection_cpu.run(self._take, conn, ctx)
+        ctx.registry.new_connection_cpu.run(self._take, conn, peername, ctx)
 
-    def _take(self, conn: socket.socket, ctx: ProxyContext) -> None:
+    def _take(self, conn: socket.socket, peername: tuple[str, int], ctx: ProxyContext) -> None:
         self._retry_in = ACCEPT_RETRY_FIRST
         registry = ctx.registry
         if len(registry.connections) + registry.handshaking >= ctx.max_connections:
@@ -329,6 +330,7 @@ class CarrierListener:
                 self.server_ssl(),
                 nodelay=not inherited,
                 meter=registry.new_connection_cpu,  # until its call is linked: a flood's cost
+                peername=peername,
             )
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
