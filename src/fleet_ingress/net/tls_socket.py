@@ -428,7 +428,9 @@ class TLSConnection:
         self._meter = None
         self._setting_up = False
         self._detour_changed()
-        if metered:  # the writer's callback was the metered one: registered again
+        # A writer registered while metered has the metered callback: registered
+        # again (`_writer_changed`, its test here: two Python calls a call less).
+        if metered and self._writer_on and not self._writer_foreign:
             self._writer_changed()
         self._loop.call_soon(self.read_if_ended)
 
