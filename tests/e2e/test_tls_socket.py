@@ -2355,6 +2355,36 @@ async def test_the_acceptor_reads_the_listener_s_kind_once_not_a_connection(
         acceptor.close()
 
 
+async def test_a_carrier_s_peer_address_is_the_one_its_accept_answered_not_asked_again(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accept answers the peer's address: the acceptor hands it on
+    (``with_address``) and the connection keeps it, asking the socket no
+    more (a getpeername system call a connection, session 48), and still
+    has it once the socket is closed (a failed handshake's log line names it)."""
+    asked: list[int] = []
+    real = socket.socket.getpeername
+    monkeypatch.setattr(socket.socket, "getpeername", lambda sock: asked.append(1) or real(sock))
+    loop = asyncio.get_running_loop()
+    conns: list[TLSConnection] = []
+
+    def accepted(sock: socket.socket, address: Any) -> None:
+        conns.append(wrap_accepted(loop, sock, _server_ctx(tls_files), peername=address))
+
+    acceptor = Acceptor(loop, socket.create_server(("127.0.0.1", 0)), accepted, with_address=True)
+    port = acceptor._listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        await eventually(lambda: len(conns) == 1, timeout=5)
+        conns[0].abort()  # closed: the address stays
+        assert conns[0].peername == client.getsockname()
+        assert conns[0].get_extra_info("peername") == client.getsockname()
+        assert asked == []
+    finally:
+        client.close()
+        acceptor.close()
+
+
 async def test_an_acceptor_closed_during_its_pause_never_accepts_again() -> None:
     """An upgrade's or a drain's stop while a pause runs: the listening socket is
     closed and no reader comes back when the pause would have ended."""

@@ -20,8 +20,9 @@ them); none is refused for it. Connections that cost little (a TCP connect
 and close, a health check) barely count, and calls' own CPU not at all: a
 worker busy with calls still takes new calls at full speed.
 
-I/O-free: the caller passes the wall clock and the CPU its new connections
-have used so far.
+I/O-free: the caller passes the wall clock and the time its new connections
+have held the event loop so far (`net.cpu_meter`: their CPU, and any wait for
+a CPU meanwhile, which the calls' frames wait through too).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class AcceptPacer:
 
     def after_accept(self, now: float, spent: float, live_calls: int) -> float:
         """Seconds to wait before the next accept, given the wall clock `now`, the
-        CPU seconds new connections have used so far `spent` (both monotonic) and
-        the worker's live calls."""
+        seconds new connections have held the loop so far `spent` (both
+        monotonic) and the worker's live calls."""
         if not self.enabled:
             return 0.0
         if self._since is None:

@@ -194,6 +194,9 @@ class CarrierListener:
         # Connections accepted next that the kernel took before the listener
         # had the options (`TcpLiveness.set_on_listener`).
         self._taken_before_options = 0
+        # The listener took the options and TCP_NODELAY: what it accepts after
+        # those has them (Linux copies them), and is not asked.
+        self._passes_options = False
         self._handshakes: set[TLSConnection] = set()
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
@@ -218,6 +221,7 @@ class CarrierListener:
             self._loop,
             self.sock,
             self._accepted,
+            with_address=True,
             per_wake=1,
             on_error=self._accept_failed,
             pace=self._pace,
@@ -271,11 +275,11 @@ class CarrierListener:
         registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
         return pause
 
-    def _accepted(self, conn: socket.socket) -> None:
+    def _accepted(self, conn: socket.socket, peername: tuple[str, int]) -> None:
         ctx = self.context()
-        ctx.registry.new_connection_cpu.run(self._take, conn, ctx)
+        ctx.registry.new_connection_cpu.run(self._take, conn, peername, ctx)
 
-    def _take(self, conn: socket.socket, ctx: ProxyContext) -> None:
+    def _take(self, conn: socket.socket, peername: tuple[str, int], ctx: ProxyContext) -> None:
         self._retry_in = ACCEPT_RETRY_FIRST
         registry = ctx.registry
         if len(registry.connections) + registry.handshaking >= ctx.max_connections:
@@ -308,14 +312,23 @@ class CarrierListener:
         liveness = ctx.liveness
         if liveness is not self._listener_liveness:
             self._listener_liveness = liveness
-            with contextlib.suppress(OSError):
+            try:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nodelay = True
+            except OSError:
+                nodelay = False
             # This one and those queued behind it were taken with the options
             # from before: set on each, whatever its user timeout says.
-            self._taken_before_options = 1 + liveness.set_on_listener(self.sock)
+            queued = liveness.set_on_listener(self.sock)
+            self._taken_before_options = 1 + (queued or 0)
+            self._passes_options = nodelay and queued is not None
         if self._taken_before_options:
             self._taken_before_options -= 1
             inherited = False
+        elif self._passes_options:
+            # Linux copied them as it took the connection (pinned by
+            # tests/e2e/test_listener_options.py): no getsockopt to check.
+            inherited = True
         else:
             inherited = liveness.inherited_by(conn)
         if not inherited:
@@ -328,6 +341,8 @@ class CarrierListener:
                 conn,
                 self.server_ssl(),
                 nodelay=not inherited,
+                meter=registry.new_connection_cpu,  # until its call is linked: a flood's cost
+                peername=peername,
             )
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
@@ -335,7 +350,6 @@ class CarrierListener:
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
             return
-        tls.meter(registry.new_connection_cpu)  # until its call is linked: a flood's cost
         tls.steps_in(ctx.heads)  # a burst's ClientHellos answered over many loop turns
         registry.handshaking += 1
         self._handshakes.add(tls)

@@ -226,6 +226,13 @@ class RenegotiationTimeout(TimeoutError):
     """The peer's TLS 1.2 renegotiation, which holds our writes, did not finish in time."""
 
 
+class _Unasked(enum.Enum):
+    UNASKED = "unasked"
+
+
+_UNASKED = _Unasked.UNASKED  # a connection's peer address not asked of its socket yet
+
+
 class _State(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
@@ -271,6 +278,7 @@ class TLSConnection:
         "_out",
         "_partial",
         "_paused",
+        "_peername",
         "_read_on_at_resume",
         "_reader_on",
         "_renegotiating",
@@ -291,7 +299,6 @@ class TLSConnection:
         "_writer_on",
         "_writing_paused",
         "peer_ended_cleanly",
-        "peername",
     )
 
     def __init__(
@@ -303,8 +310,17 @@ class TLSConnection:
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
         writer_registered: bool = False,
+        meter: CpuMeter | None = None,
+        peername: tuple[str, int] | None = None,
     ) -> None:
-        """``writer_registered``: the descriptor has a writer registered already
+        """``peername``: the peer's address where the caller has it (an accept
+        answers it): not asked of the socket (`peername`).
+
+        ``meter``: as `meter(meter)` once made, without its look at the
+        registrations (none is this connection's yet: a call's two connections
+        made a meter() call each, three Python calls, session 48).
+
+        ``writer_registered``: the descriptor has a writer registered already
         (its TCP connect's: `open_tcp` with ``keep_writer``), taken over here and
         replaced or removed at the first registration: with uvloop a descriptor
         whose last interest is removed has its poll handle closed, and a new one
@@ -329,10 +345,9 @@ class TLSConnection:
         if self._ssl is not None:
             _one_message_per_read(self._ssl)
         self._fd = sock.fileno()
-        try:
-            self.peername: tuple[str, int] | None = sock.getpeername()[:2]
-        except OSError:
-            self.peername = None
+        self._peername: tuple[str, int] | _Unasked | None = (
+            _UNASKED if peername is None else peername[:2]
+        )
         self._state = _HANDSHAKE
         self._handler: TLSHandler | None = None
         self._hs_done: Callable[[BaseException | None], None] | None = None
@@ -377,7 +392,7 @@ class TLSConnection:
         self._drain_below_tls = False
         self._high_water = high_water
         self._max_buffer = max_buffer
-        self._meter: CpuMeter | None = None  # counts this connection's work (meter())
+        self._meter = meter  # counts this connection's work (meter())
         # Until its call is linked (`linked`): a read event's read is followed by
         # a look at TCP, for a reset that came with the bytes read (`_read_watched`).
         self._setting_up = True
@@ -409,10 +424,14 @@ class TLSConnection:
         once rather than a sweep pass later. Nothing is registered again: the
         reader's callback reads `_detour` (it was an add_reader a side, about
         5,000 instructions each on uvloop, session 41)."""
+        metered = self._meter is not None
         self._meter = None
         self._setting_up = False
         self._detour_changed()
-        self._writer_changed()
+        # A writer registered while metered has the metered callback: registered
+        # again (`_writer_changed`, its test here: two Python calls a call less).
+        if metered and self._writer_on and not self._writer_foreign:
+            self._writer_changed()
         self._loop.call_soon(self.read_if_ended)
 
     def _detour_changed(self) -> None:
@@ -498,6 +517,22 @@ class TLSConnection:
         return self._loop
 
     @property
+    def peername(self) -> tuple[str, int] | None:
+        """The peer's (host, port); None if the socket could not say. Given by
+        the accept, or asked of the socket at the first read (a getpeername
+        system call: two a call, made for every connection, where a carrier's
+        accept had answered it and nothing read a fleet's, session 48); a
+        socket closed before it was asked says None."""
+        peername = self._peername
+        if peername is _UNASKED:
+            try:
+                peername = self._sock.getpeername()[:2]
+            except OSError:
+                peername = None
+            self._peername = peername
+        return cast("tuple[str, int] | None", peername)
+
+    @property
     def ssl_object(self) -> SSLObjectOnSocket:
         """For version(), cipher(), selected_alpn_protocol(), getpeercert(), session."""
         return self._ssl_object
@@ -534,7 +569,8 @@ class TLSConnection:
         if name == "socket":
             return sock
         if name == "peername":
-            return self.peername if self.peername is not None else default
+            peername = self.peername
+            return peername if peername is not None else default
         if name == "sslcontext":
             return self._sslobj.context
         if name == "peercert":
@@ -1651,14 +1687,19 @@ def wrap_accepted(
     ctx: ssl.SSLContext,
     *,
     nodelay: bool = True,
+    meter: CpuMeter | None = None,
+    peername: tuple[str, int] | None = None,
     **kw: int,
 ) -> TLSConnection:
     """The server side of an accepted TCP socket (handshake not started).
-    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener)."""
+    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener).
+    ``meter``: where its I/O callbacks are counted (`TLSConnection.meter`);
+    ``peername``: the address its accept answered (`Acceptor`'s ``with_address``)."""
     sock.setblocking(False)
     if nodelay:
         _nodelay(sock)
-    return TLSConnection(loop, sock, tls_on(sock, ctx, server_side=True), **kw)
+    tls = tls_on(sock, ctx, server_side=True)
+    return TLSConnection(loop, sock, tls, meter=meter, peername=peername, **kw)
 
 
 async def connect(
@@ -1710,7 +1751,7 @@ async def connect(
             tls = tls_on(
                 sock, ctx, server_side=False, server_hostname=server_hostname, session=session
             )
-            conn = TLSConnection(loop, sock, tls, writer_registered=True, **kw)
+            conn = TLSConnection(loop, sock, tls, writer_registered=True, meter=meter, **kw)
         except BaseException:
             loop.remove_writer(fd)
             sock.close()
@@ -1720,8 +1761,6 @@ async def connect(
             calls = session_calls()
             if calls is not None:
                 offered = calls.set_session(conn._ssl, kept_session.pointer) == 1
-        if meter is not None:
-            conn.meter(meter)  # its handshake, until its call is linked (`linked`)
         try:
             if underway is None:
                 await conn.handshake(timeout)  # the outer timeout is the one that counts
@@ -1767,6 +1806,8 @@ class Acceptor:
     pauses for RETRY_DELAY and anything else (the connection is gone) goes on.
     ``pace``, called after each accepted connection, says how long to wait
     before the next (0: go on); the backlog holds what arrives meanwhile.
+    ``with_address``: ``on_accept(sock, address)``, the peer's address as the
+    accept answered it (asked of the socket again, a system call a connection).
     """
 
     MAX_ACCEPTS_PER_WAKE = 64
@@ -1779,8 +1820,9 @@ class Acceptor:
         self,
         loop: asyncio.AbstractEventLoop,
         listener: socket.socket,
-        on_accept: Callable[[socket.socket], None],
+        on_accept: Callable[..., None],
         *,
+        with_address: bool = False,
         per_wake: int | None = None,
         on_error: Callable[[OSError], float] | None = None,
         pace: Callable[[], float] | None = None,
@@ -1794,6 +1836,7 @@ class Acceptor:
         # made in Python (14,000 instructions a carrier of its 63,000, callgrind).
         self._family, self._type, self._proto = listener.family, listener.type, listener.proto
         self._on_accept = on_accept
+        self._with_address = with_address
         self._per_wake = per_wake or self.MAX_ACCEPTS_PER_WAKE
         self._on_error = on_error or self._pause_for
         self._pace = pace
@@ -1811,14 +1854,18 @@ class Acceptor:
                 # socket.accept() without reading the listener's kind again (its
                 # other step, blocking mode for a listener with a timeout, does
                 # nothing on this non-blocking one).
-                fd, _ = self._listener._accept()  # type: ignore[attr-defined]
+                fd, address = self._listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if self._pause(self._on_error(exc)):
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
-            self._on_accept(socket.socket(self._family, self._type, self._proto, fileno=fd))
+            sock = socket.socket(self._family, self._type, self._proto, fileno=fd)
+            if self._with_address:
+                self._on_accept(sock, address)
+            else:
+                self._on_accept(sock)
             if self._pace is not None and self._pause(self._pace()):
                 return
 

@@ -651,9 +651,10 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_new_connection_cpu_seconds",
-            "CPU seconds spent on carrier connections before their call was linked: "
-            "accept, TLS handshake, request head, the call's fleet connection until the "
-            "link, answer and close (a flood shows here).",
+            "Seconds a worker's event loop spent on carrier connections before their "
+            "call was linked (their CPU, and any wait for a CPU meanwhile): accept, TLS "
+            "handshake, request head, the call's fleet connection until the link, answer "
+            "and close (a flood shows here).",
             value=counts.counter("new_connection_cpu_ms") / 1000,
         )
         yield CounterMetricFamily(
