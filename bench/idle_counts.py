@@ -272,7 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with Launched(work, env) as launched:
         ports = [launched.fleet(name) for name in ("fleet-a", "fleet-b")]
         # As churn at 20 calls/s (maxconn max(64, peak + 16)); --check-interval: an ablation.
-        settings = Settings(maxconn=64, check_interval=args.check_interval)
+        settings = Settings(
+            maxconn=64, check_interval=args.check_interval, check_timeout=args.check_timeout
+        )
         procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         for target in args.targets:
             home = work / target
@@ -402,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="the fleets' probe interval (churn's: 1 s; a long one counts all but the probes)",
+    )
+    p.add_argument(
+        "--check-timeout",
+        type=float,
+        default=1.0,
+        help="a probe's timeout (churn's: 1 s); under callgrind on a busy host a probe may "
+        "time out and the next one pay a new TLS handshake: 10 keeps the windows alike",
     )
     p.add_argument("--variant-pythonpath", help="src of the fleet-ingress to count")
     p.add_argument("--max-seconds", type=float, default=600.0, help="to start and warm")
