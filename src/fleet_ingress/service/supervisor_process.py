@@ -64,8 +64,6 @@ _CHILDREN_EVERY = 0.2
 WATCHDOG_PING_EVERY = 1.0
 # How often the supervisor looks that its admin socket's file is still there.
 ADMIN_SOCKET_LOOK_EVERY = 1.0
-# What a tick may read early by on the loop's clock (`sleep_to_tick`).
-TICK_SLACK = 0.01
 
 
 # -- the process -------------------------------------------------------------------
@@ -463,9 +461,11 @@ async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> 
         if watchdog is not None:
             notifier.notify("WATCHDOG=1")
         if loop.time() >= status_due:
-            # Less a hair: due on the tick STATUS_EVERY on, which the loop's
-            # clock may read a little early.
-            status_due = loop.time() + STATUS_EVERY - TICK_SLACK
+            # Less half a tick: due on the tick STATUS_EVERY on, though this one
+            # ran late (a busy loop; the clock may also read a tick a hair
+            # early). Due a full STATUS_EVERY after a late tick, a line every
+            # 10 s became one every 20 s now and then on a loaded host.
+            status_due = loop.time() + STATUS_EVERY - every / 2
             notifier.notify(f"STATUS={supervisor.status_line()}")
             # The files looked at for the next line, not waited for here: a
             # refused certificate shows in `systemctl status` too.
