@@ -32,7 +32,6 @@ Worker side::
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -47,7 +46,7 @@ from fleet_ingress.core.host_slots import HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView, Key, WorkerId
 from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.event_loop import unexpected_errors
+from fleet_ingress.net.event_loop import sleep_to_tick, unexpected_errors
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.local_counts import (
     Observed,
@@ -200,7 +199,7 @@ async def pull_reports(
     found so). A supervisor that was itself stopped asked nothing meanwhile:
     its workers' silence starts when it asks again."""
     while True:
-        await asyncio.sleep(every)
+        await sleep_to_tick(every)  # with the supervisor's other clock work: one wake-up
         await server.collect_reports(timeout=every)
         for key, pulls, silent_for in server.count_silent(time.monotonic()):
             if on_silent is not None:

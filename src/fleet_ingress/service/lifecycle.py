@@ -18,6 +18,7 @@ import logging
 import signal
 
 from fleet_ingress.logs import RateLimitedLog
+from fleet_ingress.net.event_loop import sleep_to_tick
 from fleet_ingress.service import glibc_malloc
 
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -57,5 +58,5 @@ def say_signal_ignored(signum: int) -> None:
 async def trim_heap() -> None:
     """Give freed heap back to the kernel every glibc_malloc.TRIM_EVERY seconds."""
     while True:
-        await asyncio.sleep(glibc_malloc.TRIM_EVERY)
+        await sleep_to_tick(glibc_malloc.TRIM_EVERY)
         glibc_malloc.trim()

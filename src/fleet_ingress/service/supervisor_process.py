@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fleet_ingress.config.settings import environment_values, unread_variables_said_by_run
 from fleet_ingress.logs import configure_logging, fields, flush_lines
-from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.event_loop import count_unexpected_error, sleep_to_tick
 from fleet_ingress.net.late_timers import PatientDeadline
 from fleet_ingress.ops.fleet_ops import FleetChangeError
 from fleet_ingress.ops.reload_outcome import ReloadAsked, reload_outcome, tell
@@ -434,13 +434,13 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
             # Written when what a crash restart takes up at once moved, else
             # every QUIET_WRITE_EVERY (`CrashSnapshot.keep_up`, `snapshot_pace`).
             await supervisor.snapshots.keep_up(supervisor.upgrade.crash_snapshot)
-        await asyncio.sleep(SNAPSHOT_EVERY)
+        await sleep_to_tick(SNAPSHOT_EVERY)
 
 
 async def _keep_admin_socket(supervisor: Supervisor) -> None:
     """`KeptAdminSocket.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
     while True:
-        await asyncio.sleep(ADMIN_SOCKET_LOOK_EVERY)
+        await sleep_to_tick(ADMIN_SOCKET_LOOK_EVERY)  # the snapshots' tick: one wake-up
         await supervisor.kept_admin_socket.keep_admin_socket(supervisor.pool.stopping)
 
 
@@ -461,9 +461,13 @@ async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> 
         if watchdog is not None:
             notifier.notify("WATCHDOG=1")
         if loop.time() >= status_due:
-            status_due = loop.time() + STATUS_EVERY
+            # Less half a tick: due on the tick STATUS_EVERY on, though this one
+            # ran late (a busy loop; the clock may also read a tick a hair
+            # early). Due a full STATUS_EVERY after a late tick, a line every
+            # 10 s became one every 20 s now and then on a loaded host.
+            status_due = loop.time() + STATUS_EVERY - every / 2
             notifier.notify(f"STATUS={supervisor.status_line()}")
             # The files looked at for the next line, not waited for here: a
             # refused certificate shows in `systemctl status` too.
             supervisor.look_at_files_soon()
-        await asyncio.sleep(every)
+        await sleep_to_tick(every)
