@@ -13,6 +13,11 @@ calls (its CPU per turn is then what a call costs the supervisor). Prints
 the median, p99, p99.9 and max of a turn, and of `Dispatcher.lease()` +
 `release()` in-process for comparison. Bounded: `--iterations` turns per
 worker and `--seconds` of wall clock, whichever ends first.
+
+The worker's side counted (callgrind, each worker; the coordinator native):
+
+    python -m bench.slot_rtt --iterations 200 --gap 0.005 --like-a-call --no-dispatcher \
+        --worker-callgrind /tmp/w200.%p      # then 600: the difference over 400 turns
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import time
 
 import uvloop
 
+from bench.harness import callgrind
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.call_table_map import CallTableWriter, make_table
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
@@ -71,7 +78,12 @@ CALL = {
 
 
 async def _turns(
-    source, iterations: int, seconds: float, gap: float = 0.0, like_a_call: bool = False
+    source,
+    iterations: int,
+    seconds: float,
+    gap: float = 0.0,
+    like_a_call: bool = False,
+    logged: bool = False,
 ) -> list[int]:
     for _ in range(WARMUP if not gap else WARMUP // 10):
         (await source.lease()).release()
@@ -89,6 +101,8 @@ async def _turns(
             lease = await source.lease()
         if gap:
             await asyncio.sleep(gap)
+        if logged:
+            lease.call_logged()  # its access line written, then its slot given back
         lease.release()
         turns.append(clock() - t0)
         if gap:
@@ -98,11 +112,17 @@ async def _turns(
     return turns
 
 
-async def _worker(fd: int, iterations: int, seconds: float, gap: float, like_a_call: bool) -> None:
+async def _worker(
+    fd: int, iterations: int, seconds: float, gap: float, like_a_call: bool, table: bool
+) -> None:
     client = await SlotClient.connect(
         sock=socket.socket(fileno=fd), pid=os.getpid(), generation=1, answer_timeout=5.0
     )
-    turns = await _turns(client, iterations, seconds, gap, like_a_call)
+    if table:
+        # A call table as a worker has one (its own here: nobody reads it), so
+        # that a lone worker's grants, releases and "logged" are held as there.
+        client.table = CallTableWriter(make_table())
+    turns = await _turns(client, iterations, seconds, gap, like_a_call, logged=table)
     # The last release must be read before we leave, or it counts as a crash.
     (await client.lease()).release()
     print(json.dumps(turns))
@@ -122,6 +142,10 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         cmd += ["--iterations", str(args.iterations), "--seconds", str(args.seconds)]
         cmd += ["--loop", args.loop, "--gap", str(args.gap)]
         cmd += ["--like-a-call"] if args.like_a_call else []
+        cmd += ["--table"] if args.table else []
+        if args.worker_callgrind:
+            # Each worker counted (callgrind, its own file: %p), the coordinator native.
+            cmd = [*callgrind.argv(args.worker_callgrind), *cmd]
         children.append(
             await asyncio.create_subprocess_exec(
                 *cmd, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
@@ -173,11 +197,26 @@ def main() -> None:
         help="no in-process Dispatcher turns after (this process's count is the coordinator's "
         "alone: `valgrind --tool=callgrind python -m bench.slot_rtt ...` at two --iterations)",
     )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="each worker writes a call table, as a worker does (a lone worker's grants held)",
+    )
+    parser.add_argument(
+        "--worker-callgrind",
+        metavar="FILE",
+        help="run each worker under valgrind --tool=callgrind writing FILE (%%p: its pid): "
+        "at two --iterations, the difference over the turns is a worker's instructions a turn",
+    )
     parser.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
     if args.child_fd is not None:
-        run(_worker(args.child_fd, args.iterations, args.seconds, args.gap, args.like_a_call))
+        run(
+            _worker(
+                args.child_fd, args.iterations, args.seconds, args.gap, args.like_a_call, args.table
+            )
+        )
         return
     print(json.dumps(run(_coordinator(args)), indent=1))
 
