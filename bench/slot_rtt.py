@@ -13,6 +13,11 @@ calls (its CPU per turn is then what a call costs the supervisor). Prints
 the median, p99, p99.9 and max of a turn, and of `Dispatcher.lease()` +
 `release()` in-process for comparison. Bounded: `--iterations` turns per
 worker and `--seconds` of wall clock, whichever ends first.
+
+The worker's side counted (callgrind, each worker; the coordinator native):
+
+    python -m bench.slot_rtt --iterations 200 --gap 0.005 --like-a-call --no-dispatcher \
+        --worker-callgrind /tmp/w200.%p      # then 600: the difference over 400 turns
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ import time
 
 import uvloop
 
+from bench.harness import callgrind
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.call_table_map import CallTableWriter, make_table
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
@@ -45,6 +53,15 @@ WARMUP = 500
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _switches() -> int:
+    """This process's voluntary context switches so far: its wake-ups."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _summary(turns_ns: list[int]) -> dict[str, float]:
@@ -70,11 +87,26 @@ CALL = {
 }
 
 
+def _warmup(gap: float) -> int:
+    """Turns before the counted ones: fewer when each holds its lease a while."""
+    if not gap:
+        return WARMUP
+    return max(5, min(WARMUP // 10, int(5 / gap)))
+
+
 async def _turns(
-    source, iterations: int, seconds: float, gap: float = 0.0, like_a_call: bool = False
+    source,
+    iterations: int,
+    seconds: float,
+    gap: float = 0.0,
+    like_a_call: bool = False,
+    logged: bool = False,
+    warm: bool = True,
+    start_after: float = 0.0,
 ) -> list[int]:
-    for _ in range(WARMUP if not gap else WARMUP // 10):
+    for _ in range(_warmup(gap) if warm else 0):
         (await source.lease()).release()
+    await asyncio.sleep(start_after)
     turns: list[int] = []
     stop = time.monotonic() + seconds
     clock = time.perf_counter_ns
@@ -89,6 +121,8 @@ async def _turns(
             lease = await source.lease()
         if gap:
             await asyncio.sleep(gap)
+        if logged:
+            lease.call_logged()  # its access line written, then its slot given back
         lease.release()
         turns.append(clock() - t0)
         if gap:
@@ -98,15 +132,55 @@ async def _turns(
     return turns
 
 
-async def _worker(fd: int, iterations: int, seconds: float, gap: float, like_a_call: bool) -> None:
+async def _worker(
+    fd: int,
+    iterations: int,
+    seconds: float,
+    gap: float,
+    like_a_call: bool,
+    table: bool,
+    at_once: int = 1,
+) -> None:
     client = await SlotClient.connect(
         sock=socket.socket(fileno=fd), pid=os.getpid(), generation=1, answer_timeout=5.0
     )
-    turns = await _turns(client, iterations, seconds, gap, like_a_call)
+    if table:
+        # A call table as a worker has one (its own here: nobody reads it), so
+        # that a lone worker's grants, releases and "logged" are held as there.
+        client.table = CallTableWriter(make_table())
+    # `at_once` calls at a time (the first warms up), `iterations` turns in all,
+    # their starts spread evenly over a turn (2 gaps): a churn, not bursts.
+    parts = await asyncio.gather(
+        *(
+            _turns(
+                client,
+                iterations // at_once,
+                seconds,
+                gap,
+                like_a_call,
+                logged=table,
+                warm=i == 0,
+                start_after=i * 2 * gap / at_once,
+            )
+            for i in range(at_once)
+        )
+    )
+    turns = [turn for part in parts for turn in part]
     # The last release must be read before we leave, or it counts as a crash.
     (await client.lease()).release()
     print(json.dumps(turns))
     client.close()
+
+
+async def _probes(server: SlotServer, every: float) -> None:
+    """As the supervisor's poller: each fleet probed every `every` seconds,
+    1000 workers free by its word, then the table woken (`SlotServer.wake`)."""
+    while True:
+        await asyncio.sleep(every)
+        for fleet in server.slots.balancer.fleets:
+            fleet.health = Health.UP
+            fleet.probe_counted(1000, fleet.probe_sending(time.monotonic()))
+            server.wake()
 
 
 async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
@@ -122,19 +196,31 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         cmd += ["--iterations", str(args.iterations), "--seconds", str(args.seconds)]
         cmd += ["--loop", args.loop, "--gap", str(args.gap)]
         cmd += ["--like-a-call"] if args.like_a_call else []
+        cmd += ["--table"] if args.table else []
+        cmd += ["--calls-at-once", str(args.calls_at_once)]
+        if args.worker_callgrind:
+            # Each worker counted (callgrind, its own file: %p), the coordinator native.
+            cmd = [*callgrind.argv(args.worker_callgrind), *cmd]
         children.append(
             await asyncio.create_subprocess_exec(
                 *cmd, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
             )
         )
         theirs.close()
+    probing = None
+    if args.probe_every:
+        probing = asyncio.create_task(_probes(server, args.probe_every))
     cpu_before = _cpu_seconds()  # the children start up meanwhile: this process idles
+    switches_before = _switches()
     outputs = await asyncio.wait_for(
         asyncio.gather(*(c.communicate() for c in children)), args.seconds + 30
     )
+    if probing is not None:
+        probing.cancel()
     coordinator_cpu = _cpu_seconds() - cpu_before
+    switches = _switches() - switches_before
     per_worker = [_summary(json.loads(out)) for out, _ in outputs]
-    warmup = WARMUP if not args.gap else WARMUP // 10
+    warmup = _warmup(args.gap)
     turns = sum(w["n"] + warmup + 1 for w in per_worker)
     local = None
     if not args.no_dispatcher:
@@ -149,6 +235,8 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         # This process's CPU while the workers ran (once spawned), per
         # lease+release: what the supervisor pays per call attempt.
         "coordinator_cpu_us_per_turn": round(coordinator_cpu / turns * 1e6, 1),
+        # Its wake-ups (voluntary context switches) a turn: a count, not a time.
+        "coordinator_wakeups_per_turn": round(switches / turns, 3),
         "dispatcher_in_process": local,
     }
 
@@ -173,11 +261,46 @@ def main() -> None:
         help="no in-process Dispatcher turns after (this process's count is the coordinator's "
         "alone: `valgrind --tool=callgrind python -m bench.slot_rtt ...` at two --iterations)",
     )
+    parser.add_argument(
+        "--calls-at-once",
+        type=int,
+        default=1,
+        help="turns each worker runs at once (with --gap G: about calls-at-once / 2G calls a "
+        "second a worker, each holding its lease G seconds, as a churn of calls does)",
+    )
+    parser.add_argument(
+        "--probe-every",
+        type=float,
+        default=0.0,
+        help="seconds between probes of each fleet (1000 free), as the supervisor's poller: "
+        "its capacity counted, the table woken after each (0: no probe)",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="each worker writes a call table, as a worker does (a lone worker's grants held)",
+    )
+    parser.add_argument(
+        "--worker-callgrind",
+        metavar="FILE",
+        help="run each worker under valgrind --tool=callgrind writing FILE (%%p: its pid): "
+        "at two --iterations, the difference over the turns is a worker's instructions a turn",
+    )
     parser.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
     if args.child_fd is not None:
-        run(_worker(args.child_fd, args.iterations, args.seconds, args.gap, args.like_a_call))
+        run(
+            _worker(
+                args.child_fd,
+                args.iterations,
+                args.seconds,
+                args.gap,
+                args.like_a_call,
+                args.table,
+                args.calls_at_once,
+            )
+        )
         return
     print(json.dumps(run(_coordinator(args)), indent=1))
 

@@ -13,6 +13,7 @@ What a call costs the supervisor is the slope between the two rates::
 
     python -m bench.supervisor_instructions --out /tmp/si              # idle, 4/s, 20/s
     python -m bench.supervisor_instructions --out DIR --variant-pythonpath /tmp/base/src
+    python -m bench.supervisor_instructions --out DIR --workers 2        # no lone budget
 
 Prints, per window, the supervisor's instructions and voluntary context
 switches (its wake-ups, from ``/proc/PID/status``), then the background a
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
     with notify, Launched(work, env) as launched:
         ports = [launched.fleet(name) for name in ("fleet-a", "fleet-b")]
         port = free_port()
-        config = render_ingress(Settings(maxconn=1000), tls, port, ports, work)
+        settings = Settings(maxconn=1000, ingress_workers=args.workers)
+        config = render_ingress(settings, tls, port, ports, work)
         argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(config)]
         if args.profile:
             # cProfile over the whole run (no windows): compare two runs' call counts.
@@ -290,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="rounds of the busy windows")
     p.add_argument(
         "--settle", type=float, default=12.0, help="seconds from the warm-up to the first window"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (1: a lone worker's budget stands; 2: every acquire a round trip)",
     )
     p.add_argument("--native", action="store_true", help="no valgrind: /proc CPU time only")
     p.add_argument(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from fleet_ingress.net.slot_client import HELD_FLUSH_ASKED
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
@@ -139,7 +140,9 @@ async def test_a_worker_killed_right_after_logging_calls_writes_no_second_line(
         for i in range(4):
             calls.append(await _open(service, tls_files, f"logged-{i}"))
             await echo(calls[-1])
-        await asyncio.sleep(0.5)  # their acquires and 101s told: the supervisor knows them
+        # Their acquires and 101s told: the supervisor knows them (within
+        # HELD_FLUSH_ASKED once it has asked after a probe, else ANSWERS_FLUSH).
+        await asyncio.sleep(HELD_FLUSH_ASKED + 0.3)
         closed_at = time.monotonic()
         await asyncio.gather(*(ws.close() for ws in calls))
         # Killed once the worker has written their lines, before their "logged"

@@ -22,6 +22,7 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.core.host_view import Counts, HostView, WorkerReport
 from fleet_ingress.logs import _FIELDS
+from fleet_ingress.net import slot_client
 from fleet_ingress.net.calls import Call
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import (
@@ -2226,3 +2227,73 @@ async def test_a_restored_worker_whose_state_does_not_list_its_calls_keeps_them_
     """The same state from a worker that does not list its calls (an older
     release: no "lists_calls"): nothing is forgotten that it may not have logged."""
     assert await _restored_holding_calls_4_and_5({}) == {4, 5}
+
+
+def _probe_counts(h: Host, free: int) -> None:
+    """Each fleet's probe, sent now, counts `free` workers; then what the
+    poller does after a probe (`SlotServer.wake`)."""
+    for fleet in h.slots.balancer.fleets:
+        fleet.probe_counted(free, fleet.probe_sending(time.monotonic()))
+    h.server.wake()
+
+
+async def test_a_probe_asks_the_lone_worker_for_its_held_grants_and_answers(
+    asked_host, monkeypatch
+):
+    """After a probe counts the fleets' capacity, the supervisor asks a
+    worker that holds lines back to write them ("tell-held"): the lone
+    worker's held grant and its fleet's answer are read within a round trip
+    of the probe, not at its flush (30 s here: only the ask can bring them).
+    Read, the fleet's estimate is its own count: the call granted and
+    answered before the probe left is in the fleet's number, not opened
+    since nor in flight. On main nothing asks: nothing is read (session 48)."""
+    monkeypatch.setattr(slot_client, "ANSWERS_FLUSH", 30.0)
+    monkeypatch.setattr(slot_client, "HELD_FLUSH_ASKED", 30.0, raising=False)
+    h = asked_host(maxconn=4, lone=True)
+    w1 = await h.worker()
+    fd = _with_table(w1, 8)
+    try:
+        await _lone_budget_taken(h, w1)
+        read = _ops_read(h)
+        lease = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        lease.fleet_answered(time.monotonic())
+        await asyncio.sleep(0.05)
+        assert read == []  # held
+        _probe_counts(h, 9)  # the fleet counts the call: 9 free
+        fleet = lease.fleet.name
+        await eventually(lambda: ("answered", None) in read)
+        assert read == [("acquire", lease.id), ("answered", None)]
+        (counted,) = (f for f in h.slots.balancer.fleets if f.name == fleet)
+        assert counted.active == 1 and not counted.pending and not counted.unseen
+        assert counted.estimated_free == 9
+    finally:
+        os.close(fd)
+
+
+async def test_once_asked_a_worker_holds_its_lines_past_answers_flush_and_its_report_rides_them(
+    asked_host, monkeypatch
+):
+    """Asked once ("tell-held"), a worker lets what it holds wait for its next
+    write or HELD_FLUSH_ASKED (0.6 s here), not ANSWERS_FLUSH (0.2 s): the
+    supervisor asks when it matters. And a report due (its timer armed: 30 s
+    here) goes with that flush, one wake-up of the supervisor for both. On
+    main the held grant is read at 0.2 s and the report 30 s later."""
+    monkeypatch.setattr(slot_client, "HELD_FLUSH_ASKED", 0.6, raising=False)
+    monkeypatch.setattr(slot_client, "REPORT_AFTER_COUNT", 30.0)
+    h = asked_host(maxconn=4, lone=True)
+    w1 = await h.worker()
+    fd = _with_table(w1, 8)
+    w1.reporter = lambda: {}
+    try:
+        await _lone_budget_taken(h, w1)
+        _probe_counts(h, 9)  # asked: nothing held yet, nothing written
+        await asyncio.sleep(0.05)
+        read = _ops_read(h)
+        w1.report_soon()  # a count moved: a report due within REPORT_AFTER_COUNT
+        lease = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+        await asyncio.sleep(ANSWERS_FLUSH * 2)
+        assert read == []  # past ANSWERS_FLUSH, still held
+        await eventually(lambda: ("report", None) in read)
+        assert read == [("acquire", lease.id), ("report", None)]
+    finally:
+        os.close(fd)

@@ -40,7 +40,7 @@ from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.listener import ListenError
-from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_client import HELD_FLUSH_ASKED, SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format_stat_table
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
@@ -1688,7 +1688,7 @@ async def test_calls_that_asked_for_a_slot_during_the_exec_are_named_if_lost(
             await asyncio.sleep(0.1)
         kept = rows[old]["calls"]
         assert kept > 0, rows  # some landed on the old generation before it retired
-        await asyncio.sleep(0.5)  # its fleets' answers told (within ANSWERS_FLUSH)
+        await asyncio.sleep(HELD_FLUSH_ASKED + 0.3)  # its fleets' answers told
         os.kill(old, signal.SIGKILL)
 
         def lost() -> list[dict[str, Any]]:

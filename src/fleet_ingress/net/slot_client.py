@@ -89,6 +89,13 @@ HELD_BEFORE_HELLO = 64
 # Until then the coordinator counts the call in flight (`FleetState.pending`):
 # its estimate of the fleet's free workers errs low meanwhile, never high.
 ANSWERS_FLUSH = 0.2
+# Once the supervisor has asked for them ("tell-held": it asks after each
+# probe, when what is held may move its estimate of a fleet's free workers),
+# what waits goes with this end's next write, or this long after the first
+# (its report's pace: the report due then goes with them): the supervisor
+# wakes about once a second for a lone worker's held lines, not five times
+# (session 48). A supervisor that never asks gets them within ANSWERS_FLUSH.
+HELD_FLUSH_ASKED = 1.0
 # A count that moved (`Registry.on_counted`) reaches the supervisor in a report
 # sent this long after at most: one report for everything counted meanwhile,
 # none while nothing is counted.
@@ -266,9 +273,11 @@ class SlotClient(asyncio.Protocol):
         self._in_flight: set[int] = set()  # held, its call not answered by its fleet yet
         self._answers: list[list[float]] = []  # [lease id, when] not told yet
         # Armed while something waits to ride the next write (the answers, the
-        # held lines): it writes them ANSWERS_FLUSH after the first, if nothing
-        # else has gone meanwhile.
+        # held lines): it writes them ANSWERS_FLUSH after the first (or
+        # HELD_FLUSH_ASKED, once asked), if nothing else has gone meanwhile.
         self._flush_timer: asyncio.TimerHandle | None = None
+        # The supervisor asks for what is held when it matters ("tell-held").
+        self._held_asked = False
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet): op -> handler(message).
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -662,10 +671,16 @@ class SlotClient(asyncio.Protocol):
 
     def _flush_soon(self) -> None:
         if self._flush_timer is None:
-            self._flush_timer = self._loop.call_later(ANSWERS_FLUSH, self._flush)
+            wait = HELD_FLUSH_ASKED if self._held_asked else ANSWERS_FLUSH
+            self._flush_timer = self._loop.call_later(wait, self._flush)
 
     def _flush(self) -> None:
         self._flush_timer = None
+        if self._held_asked and self._report_timer is not None:
+            # A report is due within a second: it goes now, with what was held
+            # (one wake-up of the supervisor for both, at the reports' pace).
+            self._cancel_report_soon()
+            self._report_now()
         self._write(None)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -727,6 +742,7 @@ class SlotClient(asyncio.Protocol):
                 "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
                 # a lone worker's budget: every free slot, its grants held too
                 **({"lone": True} if self.takes_lone else {}),
+                "tells_held": True,  # it writes what it holds back when asked ("tell-held")
                 **({"tag": self.tag} if self.tag is not None else {}),
             }
         )
@@ -845,6 +861,12 @@ class SlotClient(asyncio.Protocol):
                 self._end_budget()
             self._write({"op": "budget-dropped"})
             return
+        if op == "tell-held":
+            # After a probe: what is held goes now. From here on it may wait
+            # HELD_FLUSH_ASKED, the supervisor asking when it matters.
+            self._held_asked = True
+            self._write(None)
+            return
         if op == "report":
             self._cancel_report_soon()  # this one carries it
             report = self._report_or_failure()
@@ -920,6 +942,7 @@ class SlotClient(asyncio.Protocol):
             "fleet_down": True,  # it gives up attempts on a fleet DOWN ("fleet-down")
             # a lone worker's budget: every free slot, its grants held too
             **({"lone": True} if self.takes_lone else {}),
+            "tells_held": True,  # it writes what it holds back when asked ("tell-held")
             **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),

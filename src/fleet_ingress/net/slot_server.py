@@ -118,6 +118,17 @@ REPORT_REFUSED_SAID_EVERY = 60.0
 # the messages of the other workers parked meanwhile are read. Its worker
 # grants nothing from the budget once "budget-end" waits unread (`slot_client`).
 LONE_END_WAIT = 1.0
+# After a probe (any `wake`), a worker that holds lines back ("tells_held" in
+# its hello or state: its fleets' answers, a lone budget's grants, releases
+# and "logged") while its leases or budget sit on a fleet whose capacity is
+# counted is asked to write them now ("tell-held"), this often at most
+# (seconds, loop time): the calls that probe left out as in flight are known
+# answered within a round trip, not when the worker's flush comes. Asked, a
+# worker lets them wait for its next write or a second (its report's pace,
+# `slot_client.HELD_FLUSH_ASKED`) rather than 0.2 s: the supervisor wakes
+# about once a second for them, not five times (session 48).
+TELL_HELD_EVERY = 0.5
+TELL_HELD_LINE = encode({"op": "tell-held"})
 
 # Of a worker's messages, those its "state" accounts for (what it holds, waits
 # for, its calls in flight, its budget): parked ones of these are dropped at a
@@ -229,6 +240,10 @@ class _Channel(asyncio.Protocol):
         # It gives up the attempts on a fleet that went DOWN when told
         # ("fleet_down" in its hello or state): an older worker is sent none.
         self.hears_down = False
+        # It writes the lines it holds back when asked ("tells_held" in its
+        # hello or state: "tell-held" after a probe), and when it was last asked.
+        self.tells_held = False
+        self.held_asked_at = -math.inf
         # The tag of its call ids ("tag" in its hello or state): None until it
         # has said, "" when it said none (a build before tags: ids `PID-N`).
         self.tag: str | None = None
@@ -1049,6 +1064,34 @@ class SlotServer:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
         self._review_standing(fleets_changed=True)
+        self._ask_held()
+
+    def _ask_held(self) -> None:
+        """After a probe: each worker holding lines back ("tells_held") with
+        leases or a standing budget while a fleet's capacity is counted is
+        asked to write them ("tell-held", TELL_HELD_EVERY at most): the calls
+        the probe left out of the estimate as in flight (`FleetState.unseen`)
+        are taken out once their answers are read, and a lone budget's grants
+        told late are counted before the probe is long past. Nothing when no
+        fleet's capacity is counted: no estimate waits on them."""
+        if not any(
+            f.capacity_aware and f.reported_available is not None
+            for f in self.slots.balancer.fleets
+        ):
+            return
+        now: float | None = None
+        for channel in self._channels.values():
+            if not channel.tells_held or not channel.joined or channel.restoring:
+                continue
+            row = self.slots.find_row(channel.key)
+            if row is None or (not row.held and row.standing is None):
+                continue
+            if now is None:
+                now = channel.loop.time()
+            if now < channel.held_asked_at + TELL_HELD_EVERY:
+                continue
+            channel.held_asked_at = now
+            channel.send_line(TELL_HELD_LINE)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -1099,6 +1142,7 @@ class SlotServer:
             channel.standing = message.get("standing") is True
             channel.hears_down = message.get("fleet_down") is True
             channel.lone = message.get("lone") is True
+            channel.tells_held = message.get("tells_held") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -1346,6 +1390,7 @@ class SlotServer:
         channel.standing = message.get("standing") is True
         channel.hears_down = message.get("fleet_down") is True
         channel.lone = message.get("lone") is True
+        channel.tells_held = message.get("tells_held") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have

@@ -97,6 +97,21 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     "budget-dropped" is. (Session 45's "releases" / "releases-told", and the
     hello's "releases_wait", are retired: neither end of this release sends them.)
 
+    what a worker holds back, asked for (session 48; only to a worker whose hello
+    or state said "tells_held": true):
+    coordinator -> worker   {"op": "tell-held"}        after a probe (any wake of the
+                                                       table), while a fleet's capacity is
+                                                       counted and the worker holds leases
+                                                       or a budget (0.5 s apart at most):
+                                                       it writes what it holds back now
+                                                       (its fleets' answers, held grants,
+                                                       releases, "logged"; nothing if it
+                                                       holds none). Once asked, what it
+                                                       holds waits for its next write or
+                                                       1 s (its report due then goes with
+                                                       it), not 0.2 s. An older worker
+                                                       ignores it, and is sent none.
+
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
