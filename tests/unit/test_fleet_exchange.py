@@ -186,6 +186,14 @@ def test_a_101_answering_the_key_sent_switches():
             "no Sec-WebSocket-Accept",
         ),
         (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %sx\r\n",
+            "no Sec-WebSocket-Accept",
+        ),
+        (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s=\r\n",
+            "no Sec-WebSocket-Accept",
+        ),
+        (
             b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Accept: %s\r\n",
             "no Sec-WebSocket-Accept",
@@ -496,3 +504,105 @@ def test_a_request_that_is_no_handshake_has_its_answer_read_by_h11():
     with pytest.raises(ResponseError) as junk:
         _plain_request().feed(b"SSH-2.0-OpenSSH\r\n\r\n")
     assert junk.value.kind == "junk-response"
+
+
+# The pieces a fleet's answer is generated from: index 0 of each is a plain 101's.
+_STATUS_LINES = [
+    b"HTTP/1.1 101 Switching Protocols", b"HTTP/1.1 101", b"HTTP/1.0 101 OK", b"HTTP/1.1 101 ",
+    b"HTTP/1.1 100 Continue", b"HTTP/1.1 429 Busy", b"HTTP/2.0 101 X", b"HTTP/1.1 101 a\x01b",
+    b"HTTP/1.1 1010 X", b"http/1.1 101 X", b" HTTP/1.1 101", b"HTTP/1.1 101\tX",
+]  # fmt: skip
+_NAMES = [
+    b"Upgrade", b"Connection", b"Sec-WebSocket-Accept", b"X-Fleet", b"Content-Length",
+    b"Transfer-Encoding", b"content-length", b"TRANSFER-ENCODING", b"X Bad", b"", b"Date",
+]  # fmt: skip
+_VALUES = [
+    b"websocket", b"Upgrade", ACCEPT, b"fleet-1", b"0", b"5", b"0, 0", b"x", b"chunked",
+    b"gzip", b"", b" websocket ", b"keep-alive, upgrade", b"a\x00b", b"a\x0bb", b"\xc3\xa9",
+    b"upgrade\t", b"a\x7fb", ACCEPT + b"x",
+]  # fmt: skip
+_SEPARATORS = [b": ", b": ", b":", b":\t", b" : ", b": \t "]
+_EOLS = [b"\r\n"] * 8 + [b"\n", b"\r", b"\r\r\n"]
+
+
+def _generated_answer(rng: random.Random) -> bytes:
+    """A fleet's answer: a status line, header lines (a plain 101's, in some
+    order, or others), perhaps a fold or a stray line end, a first frame."""
+    pick = rng.choice
+    lines = [_STATUS_LINES[0] if rng.random() < 0.5 else pick(_STATUS_LINES)]
+    fields = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+    fields.append((b"Sec-WebSocket-Accept", ACCEPT))
+    rng.shuffle(fields)
+    for _ in range(rng.randint(0, 3)):
+        fields.insert(rng.randint(0, len(fields)), (pick(_NAMES), pick(_VALUES)))
+    if rng.random() < 0.2:
+        del fields[rng.randrange(len(fields))]
+    lines += [name + (b": " if rng.random() < 0.7 else pick(_SEPARATORS)) + value
+              for name, value in fields]  # fmt: skip
+    if rng.random() < 0.1:
+        lines.insert(rng.randint(2, len(lines)), pick([b" folded", b"\tfolded"]))
+    eol = (lambda: b"\r\n") if rng.random() < 0.6 else (lambda: pick(_EOLS))
+    head = b"".join(line + eol() for line in lines) + eol()
+    return head + pick([b"", b"\x81\x02hi", b"HTTP/1.1 200 OK\r\n\r\n"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_generated_answers_get_h11s_verdict_and_bytes_whoever_reads_them(seed: int):
+    """Answers generated from a 101's pieces (statuses, names h11 checks, values
+    with controls, separators with OWS, bare CRs and LFs, folds), fed whole or
+    cut anywhere: the fast path's progress, verdict, head and relayed bytes are
+    h11's alone, and the fast path reads (not hands to h11) the plain 101s."""
+    rng = random.Random(seed)
+    headers = [*HEADERS, (b"Sec-WebSocket-Key", KEY)]
+    read_here = 0
+    for _ in range(1500):
+        data = _generated_answer(rng)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 4))))
+        expected = _outcome(_h11_only(headers), data, cuts)
+        ex = FleetExchange(b"GET", b"/ws/x", headers, max_head_bytes=200)
+        assert _outcome(ex, data, cuts) == expected, (data, cuts)
+        read_here += ex._conn is None and ex.head is not None
+    assert 150 < read_here < 1350, read_here  # both paths taken, often
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked", b"Content-Length: 0, 1"],
+)
+def test_a_101_with_a_length_or_coding_h11_refuses_is_no_answer(field: bytes):
+    """h11 checks Content-Length and Transfer-Encoding in any answer it reads, a
+    101's too: the fast path leaves such a 101 to it, whose verdict it is."""
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    answer += b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n" + field + b"\r\n\r\n"
+    headers = [*HEADERS, (b"Sec-WebSocket-Key", KEY)]
+    expected = _outcome(_h11_only(headers), answer, [])
+    assert _outcome(_handshake(), answer, []) == expected
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"Upgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Accept: %s\r\n",  # aiohttp's
+        b"UPGRADE: WebSocket\r\nconnection: Upgrade\r\nsec-websocket-accept: %s\r\n",
+        b"Upgrade:websocket\r\nConnection:\tUpgrade \r\nSec-WebSocket-Accept:%s\t\r\n",
+        b"Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Accept: %s\r\n",
+        b"Upgrade: websocket\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n",
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nConnection: close\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n",
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n",
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\nX-A: b\r\n",
+        b"X-Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n",
+        b"Upgrade: websockets\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n",
+    ],
+)
+def test_a_101_in_any_shape_is_checked_as_h11_reads_it(lines: bytes):
+    """The usual 101 passes by a few searches of its head; any other shape (its
+    fields in another case or spacing, a list, a field twice) field by field:
+    both as h11's read of it would be checked."""
+    answer = b"HTTP/1.1 101 Switching Protocols\r\n" + lines.replace(b"%s", ACCEPT) + b"\r\n"
+    headers = [*HEADERS, (b"Sec-WebSocket-Key", KEY)]
+    for cuts in ([], [len(answer) - 1], [9, 40]):
+        expected = _outcome(_h11_only(headers), answer + b"\x81\x02hi", cuts)
+        assert _outcome(_handshake(), answer + b"\x81\x02hi", cuts) == expected

@@ -1,18 +1,20 @@
 """One request to a fleet and the reading of its answer, with no I/O.
 
 The request is written here as h11 writes it, and the answer to a WebSocket
-handshake read by httptools (llhttp, C) while it is a plain 101, because h11
-did both in about 1,000 lines of Python a call, over half a million
-instructions of the ~7.6 M a churned call costs (issue #13; `bench/
-call_instructions.py`). Neither changes a verdict: a request is written here
-only when it fullmatches h11's own grammar (`h11_grammar`) and has nothing h11
-normalizes (Content-Length, Transfer-Encoding), else h11 writes it (and
-raises what it raised); a 101 is taken from httptools only when its head
-fullmatches h11's grammar with CRLF line ends, no fold, starting `HTTP/1.`;
-any other answer (a 1xx first, a refusal, junk, a fold, bare LFs, a head past
-the limit, a close) is handed to h11 from its first byte, which reads it as it
-always did. The request's fields are ours already: the carrier's head was
-validated (`request_head`, by h11 too) and rewritten (`forwarding`).
+handshake read here while it is a plain 101, because h11 did both in about
+1,000 lines of Python a call, over half a million instructions of the ~7.6 M a
+churned call costs (issue #13; `bench/call_instructions.py`). Neither changes
+a verdict: a request is written here only when it fullmatches h11's own
+grammar (`h11_grammar`) and has nothing h11 normalizes (Content-Length,
+Transfer-Encoding), else h11 writes it (and raises what it raised); a 101 is
+read here only when its head fullmatches h11's grammar with CRLF line ends, no
+fold, no Content-Length or Transfer-Encoding, starting `HTTP/1.` (its fields
+then read as h11 reads them; until session 48 httptools read it, a Python call
+a header line); any other answer (a 1xx first, a refusal, junk,
+a fold, bare LFs, a head past the limit, a close) is handed to h11 from its
+first byte, which reads it as it always did. The request's fields are ours
+already: the carrier's head was validated (`request_head`, by h11 too) and
+rewritten (`forwarding`).
 
 The answer is parsed to learn where its head and body end; what the carrier receives is the
 fleet's own bytes (SPEC: relayed exactly as the fleet sent it), within what
@@ -33,9 +35,9 @@ import enum
 import hashlib
 import re
 from dataclasses import dataclass
+from itertools import repeat
 
 import h11
-import httptools
 
 from fleet_ingress.core.h11_grammar import FIELD_NAME, METHOD, REQUEST_TARGET
 from fleet_ingress.core.request_head import Header, comma_tokens
@@ -72,11 +74,26 @@ _PLAIN_REQUEST = re.compile(
     f"{METHOD} {REQUEST_TARGET} HTTP/1\\.1\r\n"
     f"(?>{FIELD_NAME}: (?:[^\r \t][^\r]*+(?<![ \t])|)\r\n)*+\r\n".encode()
 )
-# A 101 head h11 reads as written: CRLF line ends, no fold, HTTP/1.x (`_only_crlfs`).
+# A 101 head h11 reads as written: CRLF line ends, no fold, HTTP/1.x. The rest of
+# its lines, after the status code or a name's colon, is any bytes but NUL, VT, FF,
+# CR and LF (`_NOT_ODD`'s bytes: so no `_only_crlfs` needed), one class a byte.
+_LINE_REST = r"[^\x00\x0b\x0c\r\n]*+"
 _PLAIN_101 = re.compile(
-    f"HTTP/1\\.[01] 101(?: [^\r]*)?\r\n(?>{FIELD_NAME}:[^\r]*\r\n)*+\r\n".encode()
+    f"HTTP/1\\.[01] 101(?: {_LINE_REST})?\r\n(?>{FIELD_NAME}:{_LINE_REST}\r\n)*+\r\n".encode()
 )
 _HTTP_1 = b"HTTP/1."
+_HEAD_END = b"\r\n\r\n"
+# The names h11 checks and rewrites in an answer it reads (`normalize_and_validate`),
+# as they start a line of the lowercased head: an answer with either is h11's to read.
+_CONTENT_LENGTH_LINE = b"\r\ncontent-length:"
+_TRANSFER_ENCODING_LINE = b"\r\ntransfer-encoding:"
+# The lines a 101 answers the handshake by (RFC 6455 4.2.2), as they start a line
+# of the lowercased head.
+_UPGRADE_LINE = b"\r\nupgrade:"
+_CONNECTION_LINE = b"\r\nconnection:"
+_ACCEPT_LINE = b"\r\nsec-websocket-accept:"
+_USUAL_UPGRADE = _UPGRADE_LINE + b" websocket\r\n"
+_USUAL_CONNECTION = _CONNECTION_LINE + b" upgrade\r\n"
 
 
 def _write_request(
@@ -110,6 +127,28 @@ def _only_crlfs(head: bytes | bytearray) -> bool:
     return not head.translate(None, _NOT_ODD).replace(b"\r\n", b"")
 
 
+def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """A plain 101's header fields as h11 reads them: names lowercased, values
+    without their OWS (each line `name ":" value`, its name a token: no colon)."""
+    first = head.find(b"\r\n") + 2
+    if first == len(head) - 2:  # the status line alone
+        return []
+    fields = map(bytes.partition, head[first:-4].split(b"\r\n"), repeat(b":"))
+    return [(name.lower(), value.strip(b" \t")) for name, _, value in fields]
+
+
+def _may_be_plain(raw: bytearray, fed_before: int) -> bool:
+    """Whether `raw`, an answer head not complete yet (the bytes from `fed_before`
+    just fed), may still be read here, h11 having said nothing of it yet: it
+    starts `HTTP/1.` (h11 refuses a first byte below 0x21 at once) and each LF
+    has its CR (h11 ends a head at LF LF or LF CR LF, which with only CRLFs is
+    the CRLF CRLF looked for). Only the bytes just fed are counted (and a CR
+    before them): a trickled head costs O(n)."""
+    if fed_before < len(_HTTP_1) and not _HTTP_1.startswith(raw[: len(_HTTP_1)]):
+        return False
+    return raw.count(b"\n", fed_before) == raw.count(b"\r\n", max(0, fed_before - 1))
+
+
 def websocket_accept(key: bytes) -> bytes:
     """The Sec-WebSocket-Accept a server answers `key` with (RFC 6455 4.2.2)."""
     return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
@@ -137,28 +176,13 @@ class Progress(enum.Enum):
 # What the plain 101's read answers, read once: CPython 3.11 reads a member
 # through its class by EnumType's __getattr__ slot (~900 instructions, callgrind).
 _HEAD_COMPLETE = Progress.HEAD_COMPLETE
+_NEED_DATA = Progress.NEED_DATA
 
 
 @dataclass(slots=True)
 class ResponseHead:
     status: int
     switched: bool  # 101: the connection is now a WebSocket tunnel
-
-
-class _HeadSeen:
-    """httptools' callbacks while it reads a head: its headers, and whether it ended."""
-
-    __slots__ = ("complete", "headers")
-
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.complete = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value.strip(b" \t")))  # as h11 reads them
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
 
 
 class FleetExchange:
@@ -175,21 +199,21 @@ class FleetExchange:
             self.request_bytes = self._written + self.request_bytes
         else:
             self.request_bytes, lowered = written
-        # A WebSocket handshake's answer is read by httptools (llhttp, in C)
-        # while it is a plain 101 (`_PLAIN_101`); anything else, by h11 from
-        # its first byte (`_to_h11`), as it always was.
-        self._fast: httptools.HttpResponseParser | None = None
-        self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
-        if written is not None and lowered.find(b"\r\nupgrade:") >= 0:
-            self._fast = httptools.HttpResponseParser(self._seen)
-        elif written is not None:
+        # A WebSocket handshake's answer is read here while it may be a plain
+        # 101 (`_feed_fast`); anything else, by h11 from its first byte
+        # (`_to_h11`), as it always was.
+        self._fast = written is not None and lowered.find(b"\r\nupgrade:") >= 0
+        if written is not None and not self._fast:
             # No handshake (an ACME challenge to certbot): h11 reads the answer,
             # the request sent through it so that it reads as a client's.
             self._h11().send(h11.EndOfMessage())
         # What the fleet's 101 must answer: the key the carrier sent (checked
         # as it came in), when the request is a WebSocket handshake.
         key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
-        self._accept = websocket_accept(key.strip()) if key is not None else None
+        accept = websocket_accept(key.strip()) if key is not None else None
+        self._accept = accept
+        # Its line in a usual 101, lowercased (`_plain_switch`).
+        self._accept_line = b"" if accept is None else b"%s %s\r\n" % (_ACCEPT_LINE, accept.lower())
         self.head: ResponseHead | None = None
         # Bytes fed, and of them the answer's head (with any 1xx before it):
         # what follows the head is what the carrier is relayed as the call's.
@@ -214,8 +238,8 @@ class FleetExchange:
         self._fed += len(data)
         if self._raw is not None:
             self._raw += data
-        if self._fast is not None:
-            return self._feed_fast(data, fed_before)
+        if self._fast:
+            return self._feed_fast(fed_before)
         if self._conn is None:  # after a 101 read without h11: the tunnel's
             return Progress.HEAD_COMPLETE
         self._conn.receive_data(data)
@@ -231,40 +255,74 @@ class FleetExchange:
 
     def _to_h11(self) -> None:
         """Hand the answer, every byte of it so far, to h11."""
-        self._fast = None
+        self._fast = False
         conn = self._h11()
         conn.send(h11.EndOfMessage())
         assert self._raw is not None
         if self._raw:  # (b"" would tell h11 the fleet closed)
             conn.receive_data(bytes(self._raw))
 
-    def _feed_fast(self, data: bytes, fed_before: int) -> Progress:
-        assert self._fast is not None and self._raw is not None
-        try:
-            if fed_before < 7 and not _HTTP_1.startswith(self._raw[:7]):
-                # llhttp skips empty lines before a status line; h11 says junk at once.
-                raise httptools.HttpParserError("not HTTP/1")
-            self._fast.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            head_bytes = fed_before + upgrade.args[0]
-            raw = self._raw
-            if (
-                self._fast.get_status_code() == 101
-                and _only_crlfs(raw[:head_bytes])
-                and _PLAIN_101.fullmatch(raw, 0, head_bytes)
-            ):
-                self._fast = None
-                self._check_switch(self._seen.headers)
-                self._head_done(ResponseHead(101, switched=True), head_bytes)
-                return _HEAD_COMPLETE
-        except httptools.HttpParserError:
-            pass
-        else:
-            if not self._seen.complete and len(self._raw) <= self.max_head_bytes:
-                return Progress.NEED_DATA
+    def _feed_fast(self, fed_before: int) -> Progress:
+        raw = self._raw
+        assert raw is not None
+        # Looked for from where the last read ended, a CRLF CRLF straddling it.
+        end = raw.find(_HEAD_END, max(0, fed_before - 3))
+        if end >= 0:
+            # A plain 101: h11's grammar, CRLFs only, no fold (`_PLAIN_101`), no
+            # Content-Length or Transfer-Encoding (h11 checks and rewrites them in
+            # any answer it reads). h11 reads it as it is written, raising nothing
+            # (tests/unit/test_fleet_exchange.py pins the two equal).
+            head = bytes(raw[: end + len(_HEAD_END)])
+            if _PLAIN_101.fullmatch(head) is not None:
+                lowered = head.lower()
+                if (
+                    lowered.find(_CONTENT_LENGTH_LINE) < 0
+                    and lowered.find(_TRANSFER_ENCODING_LINE) < 0
+                ):
+                    self._fast = False
+                    self._plain_switch(head, lowered)
+                    return _HEAD_COMPLETE
+        elif len(raw) <= self.max_head_bytes and _may_be_plain(raw, fed_before):
+            return _NEED_DATA
         # Not a plain 101 (or no head within the limit): h11's answer, as ever.
         self._to_h11()
         return self.advance()
+
+    def _plain_switch(self, head: bytes, lowered: bytes) -> None:
+        """A plain 101 read: checked as `_check_switch` checks it, then done as
+        `_head_done` does it. A fleet's usual 101 (one `Upgrade: websocket`, one
+        `Connection: upgrade`, one `Sec-WebSocket-Accept: <the value>`, in any
+        case, one space after the colon) passes by a few searches of its head; any
+        other is checked field by field (`_fields`), as h11's read would be."""
+        accept_at = lowered.find(self._accept_line)
+        if (
+            lowered.find(_USUAL_UPGRADE) < 0
+            or lowered.find(_USUAL_CONNECTION) < 0
+            or lowered.count(_UPGRADE_LINE) != 1
+            or lowered.count(_CONNECTION_LINE) != 1
+            or (
+                self._accept is not None
+                and not (
+                    accept_at >= 0
+                    and head.startswith(self._accept, accept_at + len(_ACCEPT_LINE) + 1)
+                    and lowered.count(_ACCEPT_LINE) == 1
+                )
+            )
+        ):
+            self._check_switch(_fields(head))
+        head_bytes = len(head)
+        if head_bytes > self.max_head_bytes:
+            raise ResponseError(
+                "junk-response",
+                f"response head of {head_bytes} bytes, over the limit of {self.max_head_bytes}",
+            )
+        self._raw = None
+        # What `_head_done` makes of a 101 with no fold, no 1xx before it and only
+        # CRLFs: the same bytes, but an HTTP/1.0 status line's version.
+        if head.startswith(b"HTTP/1.0"):
+            self.unfolded_head = b"HTTP/1.1" + head[8:]
+        self.head = ResponseHead(101, switched=True)
+        self.head_bytes = head_bytes
 
     @property
     def relayed_head_bytes(self) -> int:
@@ -281,7 +339,7 @@ class FleetExchange:
 
     def feed_eof(self) -> Progress:
         """The fleet closed its side."""
-        if self._fast is not None:
+        if self._fast:
             self._to_h11()
         if self._conn is None:  # after a 101 read without h11
             return Progress.HEAD_COMPLETE
@@ -309,7 +367,7 @@ class FleetExchange:
             return Progress.BODY_COMPLETE
 
     def _advance(self) -> Progress:
-        if self._fast is not None:
+        if self._fast:
             return Progress.NEED_DATA
         if self._conn is None:  # the 101 read without h11: nothing more to read
             return Progress.HEAD_COMPLETE
