@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness
+from fleet_ingress.net.liveness import TCP_RTO_MAX_MS
 from fleet_ingress.service.ingress import Ingress
 from tests.support import (
     SWITCHING,
@@ -349,47 +349,6 @@ async def test_tcp_liveness_options_are_set_on_both_sides(
                 continue
             assert rto_max == 2000, type(side).__name__
         writer.close()
-    finally:
-        await fleet.stop()
-
-
-@pytest.mark.timeout(30)
-async def test_carriers_accepted_after_the_listener_has_the_options_are_not_asked_for_them(
-    start_ingress: StartIngress, tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Linux copies the listener's options to what it accepts
-    (tests/e2e/test_listener_options.py): a carrier accepted once the listener
-    has them has them, and its socket is not asked (`inherited_by`, a
-    getsockopt a carrier, session 48); the first, taken as the options were
-    set, gets them set of its own."""
-    asked: list[object] = []
-    real = TcpLiveness.inherited_by
-    monkeypatch.setattr(
-        TcpLiveness, "inherited_by", lambda self, sock: asked.append(sock) or real(self, sock)
-    )
-    fleet = await RawFleet(tls_files.fleet_server_context(), Bot(talking=False)).start()
-    try:
-        ingress = await start_ingress(
-            [fleet.line("a")], timeouts={"tcp_user_timeout": 7.5, "keepalive_idle": 4}
-        )
-        carriers = [await carrier(ingress, tls_files) for _ in range(3)]
-        for reader, _ in carriers:
-            await switched(reader)
-        calls = ingress.registry.tunnels()
-        assert len(calls) == 3
-        for call in calls:
-            sock = call.carrier.transport.get_extra_info("socket")  # type: ignore[attr-defined]
-            opts = (
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
-            )
-            assert opts == (8500, 1, 4, 5, 1)
-        assert asked == []
-        for _, writer in carriers:
-            writer.close()
     finally:
         await fleet.stop()
 

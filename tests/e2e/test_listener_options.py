@@ -5,16 +5,28 @@ once on the listener rather than on every connection (net/listener.py,
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import select
 import socket
+import ssl
 import sys
 import time
 
 import pytest
 
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.retry import RetryPolicy
+from fleet_ingress.core.routing import Router
+from fleet_ingress.core.silence import SilencePolicy
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.listener import CarrierListener
 from fleet_ingress.net.liveness import BACKSTOP, TCP_RTO_MAX_MS, TcpLiveness
-from tests.support import NetLab
+from fleet_ingress.net.proxy import ProxyContext
+from tests.support import NetLab, TLSFiles
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux socket options")
 
@@ -155,3 +167,68 @@ def test_a_user_timeout_not_the_probe_count_ends_a_quiet_connection(netlab: NetL
         for s in (client, server, listener):
             if s is not None:
                 s.close()
+
+
+def _worker_context(liveness: TcpLiveness) -> ProxyContext:
+    """A worker's connection context: only its liveness options matter here."""
+    balancer = Balancer(
+        FleetSet.from_specs(parse_fleets_text("http://127.0.0.1:9 name=a", default_maxconn=4))
+    )
+    return ProxyContext(
+        router=Router(["/ws/"], "/haproxy-health"),
+        slots=Dispatcher(balancer, queue_timeout=1.0, max_queue=8),
+        registry=Registry(),
+        retry=RetryPolicy(retries=0, conditions=frozenset(), statuses=frozenset()),
+        fleet_ssl=ssl.create_default_context(),
+        connect_timeout=2.0,
+        response_timeout=2.0,
+        request_timeout=30.0,
+        silence=SilencePolicy(tunnel=60.0),
+        liveness=liveness,
+        max_head_bytes=16384,
+        max_header_count=100,
+        max_connections=100,
+        access_log=False,
+    )
+
+
+async def test_a_carrier_accepted_on_a_listener_another_generation_set_gets_its_worker_s_options(
+    tls_files: TLSFiles,
+) -> None:
+    """Two generations' workers accept on one listening socket (an upgrade's
+    overlap; where the new generation fails its trial, the old one serves on
+    with the listener as the new one left it): the new one sets its options
+    on the listener, and Linux copies them to what the old one accepts from
+    then on. The old worker's carriers get its own options (its dead-peer
+    watch gives up at its own user timeout, the kernel BACKSTOP after it), not
+    the other config's. Session 48's listener took a carrier accepted after it
+    had set the options itself for having them, asking nothing: the old
+    worker's carriers kept the new generation's 5 s where it runs with 20 s."""
+    old_ms, new_ms = (round((seconds + BACKSTOP) * 1000) for seconds in (20.0, 5.0))
+    old_ctx = _worker_context(TcpLiveness(user_timeout=20.0))
+    new_ctx = _worker_context(TcpLiveness(user_timeout=5.0))
+    server_ssl = tls_files.fleet_server_context()
+    clients: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        old = CarrierListener(sock, lambda: old_ctx, lambda: server_ssl)
+        new = CarrierListener(sock, lambda: new_ctx, lambda: server_ssl)
+        old._loop = new._loop = asyncio.get_running_loop()  # start()'s, with no acceptor
+
+        def taken_by(listener: CarrierListener) -> int:
+            """A carrier that `listener` accepts: its user timeout (ms)."""
+            clients.append(socket.create_connection(sock.getsockname()))
+            conn, address = sock.accept()
+            listener._accepted(conn, address)
+            return int(conn.getsockopt(TCP, socket.TCP_USER_TIMEOUT))
+
+        try:
+            assert taken_by(old) == old_ms  # its options, set on the listener too
+            assert taken_by(old) == old_ms  # inherited
+            assert taken_by(new) == new_ms  # the new generation's, on the listener now
+            assert taken_by(old) == old_ms  # main: the new generation's (6000)
+            assert taken_by(old) == old_ms
+        finally:
+            old.close()  # (the shared listener too) its handshakes cut
+            new.close()
+            for client in clients:
+                client.close()

@@ -123,17 +123,15 @@ class TcpLiveness:
         object.__setattr__(self, "_rto_max", rto_max)
         object.__setattr__(self, "_user_timeout_ms", user_timeout_ms)
 
-    def apply(self, sock: Any) -> bool:
+    def apply(self, sock: Any) -> None:
         """Set the options on a connected TCP socket (or a transport's socket-like
-        object); a refusal is logged, never fatal: the call works without them.
-        False when one was refused (the retransmission cap a kernel lacks is
-        not one)."""
+        object); a refusal is logged, never fatal: the call works without them."""
         try:
             for level, option, value in self._options:
                 sock.setsockopt(level, option, value)
         except OSError as exc:
             log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
-            return False
+            return
         if self._rto_max is not None and not ThisKernel.refuses_rto_max:
             try:
                 sock.setsockopt(*self._rto_max)
@@ -144,7 +142,6 @@ class TcpLiveness:
                     # exception and this line each).
                     ThisKernel.refuses_rto_max = True
                 log.debug("tcp rto max not set", extra=fields(error=repr(exc)))
-        return True
 
     def _kernel_ms(self) -> int:
         """The kernel's TCP_USER_TIMEOUT: the ingress's own give-up comes first
@@ -152,7 +149,7 @@ class TcpLiveness:
         less than BACKSTOP under it)."""
         return min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
 
-    def set_on_listener(self, sock: Any) -> int | None:
+    def set_on_listener(self, sock: Any) -> int:
         """Set the options on a listening socket, those turned off too (after a
         reload): Linux copies a listener's socket and TCP options to each
         connection it accepts from then on (pinned by
@@ -162,10 +159,7 @@ class TcpLiveness:
         worker started, or as a reload changed them): those have the options
         from before and are to be set as before (`inherited_by` tells by the
         user timeout alone: one a reload changed only keepalive of, or turned
-        the user timeout off in, passed for inherited). Those accepted after
-        them have the options, and are not asked (session 48: a getsockopt a
-        carrier). None: the listener refused an option, and what it passes on
-        is not known (each connection asked, `inherited_by`)."""
+        the user timeout off in, passed for inherited)."""
         try:
             if hasattr(socket, "TCP_USER_TIMEOUT") and self.user_timeout <= 0:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
@@ -173,10 +167,7 @@ class TcpLiveness:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
         except OSError as exc:
             log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
-            self.apply(sock)
-            return None
-        if not self.apply(sock):
-            return None
+        self.apply(sock)
         return queued_on_listener(sock)
 
     def inherited_by(self, sock: Any) -> bool:
