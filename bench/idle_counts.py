@@ -158,7 +158,7 @@ def callgrind_window(roles: dict[str, int], seconds: float, work: Path) -> dict[
         )
         new = sorted(set(work.glob(f"*/callgrind.out.{pid}*")) - before)
         took = time.monotonic() - t0
-        total, functions = own_instructions(new[-1])
+        total, functions = callgrind.own_counts(new[-1])
         out[role] = {"instructions": total, "seconds": round(took, 2), "functions": functions}
     return out
 
@@ -196,20 +196,6 @@ def cprofile_window(roles: dict[str, int], seconds: float, prof: Path) -> dict[s
         moved = {k: n - a.get(k, 0) for k, n in b.items() if n - a.get(k, 0) > 0}
         out[role] = {"seconds": round(took, 2), "calls": moved}
     return out
-
-
-def own_instructions(path: Path) -> tuple[int, dict[str, int]]:
-    """Instructions of a dump and each function's own; those already on the stack when
-    counting was zeroed (the loop's run) show the whole window as their own: left out."""
-    functions: dict[str, int] = {}
-    total = 0
-    for n, name in callgrind.rows(callgrind.annotate(path, inclusive=False, auto=False)):
-        if name == "PROGRAM TOTALS":
-            total = n
-        elif n < total / 2:
-            name = re.sub(r"/tmp/python-build[^ ]*?/Python-[\d.]+/", "", name)
-            functions[name] = functions.get(name, 0) + n
-    return total, functions
 
 
 async def warm(port: int, tls: TLSFiles, calls: int, deadline: float) -> None:

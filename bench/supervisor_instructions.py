@@ -94,22 +94,6 @@ def proc_counts(pid: int) -> dict[str, int]:
     return {"ticks": int(stat[11]) + int(stat[12]), **switches}
 
 
-def callgrind_counts(path: Path) -> tuple[int, dict[str, int]]:
-    """Instructions of one dump, and each function's own (exclusive) instructions.
-    Frames already on the stack when the counters were zeroed (the loop's run,
-    the interpreter's outer frames) show the window's whole cost as their own
-    in callgrind_annotate: left out (half the total or more)."""
-    functions: dict[str, int] = {}
-    total = 0
-    for n, name in callgrind.rows(callgrind.annotate(path, inclusive=False, auto=False)):
-        if name == "PROGRAM TOTALS":
-            total = n
-        elif n < total / 2:
-            name = re.sub(r"/tmp/python-build[^ ]*?/Python-[\d.]+/", "", name)
-            functions[name] = functions.get(name, 0) + n
-    return total, functions
-
-
 def run(args: argparse.Namespace) -> dict:
     work = fresh_dir(args.out)
     tls = TLSFiles.write(work)
@@ -174,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
                     ["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True
                 )
                 new = sorted(set(work.glob("callgrind.out*")) - dumps)
-                window["instructions"], window["functions"] = callgrind_counts(new[-1])
+                window["instructions"], window["functions"] = callgrind.own_counts(new[-1])
             said = {k: v for k, v in window.items() if k != "functions"}
             log(f"window {rate}/s: {json.dumps(said)}")
             windows.append(window)
@@ -260,7 +244,7 @@ def lease_counts(args: argparse.Namespace) -> int:
         argv += ["--gap", str(args.lease_gap), "--like-a-call", "--no-dispatcher"]
         argv += ["--seconds", "600"]
         subprocess.run(argv, env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
-        totals.append(callgrind_counts(cg))
+        totals.append(callgrind.own_counts(cg))
     (n1, n2), ((a, fa), (b, fb)) = args.lease_turns, totals
     per_lease = (b - a) / (n2 - n1)
     print(f"coordinator instructions a lease: {per_lease:,.0f} (N={n1}: {a:,}, N={n2}: {b:,})")

@@ -44,3 +44,19 @@ def shared_object(function: str) -> str:
     return (
         function.rpartition(" [")[2].rstrip("]").rpartition("/")[2] if " [" in function else "???"
     )
+
+
+def own_counts(path: Path) -> tuple[int, dict[str, int]]:
+    """Instructions of one dump, and each function's own (exclusive) instructions.
+    Frames already on the stack when the counters were zeroed (the loop's run,
+    the interpreter's outer frames) show the window's whole cost as their own
+    in callgrind_annotate: left out (half the total or more)."""
+    functions: dict[str, int] = {}
+    total = 0
+    for n, name in rows(annotate(path, inclusive=False, auto=False)):
+        if name == "PROGRAM TOTALS":
+            total = n
+        elif n < total / 2:
+            name = re.sub(r"/tmp/python-build[^ ]*?/Python-[\d.]+/", "", name)
+            functions[name] = functions.get(name, 0) + n
+    return total, functions
