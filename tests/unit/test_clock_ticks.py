@@ -37,11 +37,12 @@ def test_tasks_of_other_rates_started_apart_come_due_on_one_tick() -> None:
         assert a == b or b == a + 5.0
 
 
-async def test_two_sleepers_wake_in_the_same_turn() -> None:
-    """Two tasks that sleep to the tick at different moments of the tick are
-    woken in the same loop turn (one wake-up of the process), on asyncio's
-    loop as on uvloop."""
+async def _two_sleepers() -> tuple[list[float], list[int]]:
+    """Two tasks sleep to the 0.5 s tick, started 0.05 s apart: the ticks they
+    aimed at and the loop turn each woke in."""
+    loop = asyncio.get_running_loop()
     woken: list[int] = []
+    aimed: list[float] = []
     turns = 0
 
     async def count_turns() -> None:
@@ -52,6 +53,7 @@ async def test_two_sleepers_wake_in_the_same_turn() -> None:
 
     async def sleeper(delay: float) -> None:
         await asyncio.sleep(delay)
+        aimed.append(next_tick(loop.time(), 0.5))
         await sleep_to_tick(0.5)
         woken.append(turns)
 
@@ -61,4 +63,17 @@ async def test_two_sleepers_wake_in_the_same_turn() -> None:
         await asyncio.gather(sleeper(0.0), sleeper(0.05))
     finally:
         counter.cancel()
+    return aimed, woken
+
+
+async def test_two_sleepers_wake_in_the_same_turn() -> None:
+    """Two tasks that sleep to the tick at different moments of the tick are
+    woken in the same loop turn (one wake-up of the process), on asyncio's
+    loop as on uvloop. A round where a stall of the test process put the two
+    starts in different ticks says nothing and is run again (three at most)."""
+    for _ in range(3):
+        aimed, woken = await _two_sleepers()
+        if aimed[0] == aimed[1]:
+            break
+    assert aimed[0] == aimed[1], f"the test process stalled past a tick in every round: {aimed}"
     assert len(woken) == 2 and woken[0] == woken[1], woken
