@@ -310,6 +310,24 @@ def test_a_fleet_leaving_maint_keeps_nothing_its_last_probe_before_said():
     )
 
 
+@pytest.mark.parametrize("aware", [True, False])
+def test_room_spelt_out_for_the_pick_is_below_maxconn_and_not_full(aware: bool) -> None:
+    """`has_room` spells out `full` (session 48: a pick reads it of every fleet
+    UP): over a grid of states it says what `maxconn` and `full` say."""
+    b = _balancer("https://a.test name=a\n", maxconn=4)
+    a = b.fleets[0]
+    a.capacity_aware = aware
+    for opened in range(4):
+        for reported in (None, 0, 1, 2, 5, 9):
+            for standing in range(4):
+                for unseen in range(3):
+                    a.active, a.opened_total, a.opened_at_probe = opened, 10 + opened, 10
+                    a.reported_available, a.standing = reported, standing
+                    a.unseen = set(range(unseen))
+                    expected = a.active + a.standing < a.maxconn and not a.full
+                    assert a.has_room is expected, (opened, reported, standing, unseen)
+
+
 def test_slots_reserved_for_a_budget_are_room_to_an_operator_not_to_a_pick():
     """A lone worker's budget (session 46) reserves every free slot of each
     fleet, capped by the fleet's free workers: a pick by the supervisor must

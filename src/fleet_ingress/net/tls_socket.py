@@ -402,7 +402,8 @@ class TLSConnection:
         self._detour = True
 
     def meter(self, meter: CpuMeter | None) -> None:
-        """Count the CPU of this connection's I/O callbacks in `meter` (None: stop).
+        """Count the loop's time in this connection's I/O callbacks in `meter`
+        (None: stop; a connection made with ``meter`` starts so).
 
         A carrier's connection is metered until its call is linked: its TLS
         handshake, its head and any answer and close are what a flood costs
@@ -1807,7 +1808,8 @@ class Acceptor:
     ``pace``, called after each accepted connection, says how long to wait
     before the next (0: go on); the backlog holds what arrives meanwhile.
     ``with_address``: ``on_accept(sock, address)``, the peer's address as the
-    accept answered it (asked of the socket again, a system call a connection).
+    accept answered it (without it, whoever needs the address asks the socket
+    again: a system call a connection).
     """
 
     MAX_ACCEPTS_PER_WAKE = 64
