@@ -33,7 +33,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.core.fleet_exchange import FleetExchange
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import MAX_HEALTH_BODY
-from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 from fleet_ingress.net.proxy import (
     MAX_BUFFERED_PER_CALL,
     MAX_EARLY_BYTES,
@@ -286,7 +286,7 @@ async def test_new_connections_cpu_counts_handshakes_and_heads_not_a_calls_frame
         await fleet.stop()
 
 
-class _WatchedMeter(CpuMeter):
+class _WatchedMeter(LoopTimeMeter):
     """A meter that says whether it is counting now."""
 
     __slots__ = ("inside",)

@@ -38,7 +38,7 @@ import pytest
 import uvloop
 
 from fleet_ingress.net import tls_socket
-from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 from fleet_ingress.net.tcp_connect import Underway
 from fleet_ingress.net.tls import server_ssl_context
 from fleet_ingress.net.tls_socket import (
@@ -1087,7 +1087,7 @@ async def test_a_handshake_step_waiting_in_its_queue_keeps_the_reader_unless_rea
             server.abort()
 
 
-class _CountedMeter(CpuMeter):
+class _CountedMeter(LoopTimeMeter):
     """A meter that counts the callbacks it runs."""
 
     __slots__ = ("runs",)
@@ -1422,13 +1422,13 @@ async def test_last_records_and_a_reset_together_are_read_to_the_reset_and_regis
     `meter(None)`) raised "the handler is closed" (uvloop issue 552), the call
     left half linked. The sweep's `read_if_ended` reads the rest and the reset
     (the review of session 35). asyncio's loop reads on by itself."""
-    from fleet_ingress.net.cpu_meter import CpuMeter
+    from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.handlers) == 1)
     peer = srv.handlers[0]
-    peer.conn.meter(CpuMeter())  # a carrier's connection until its call is linked
+    peer.conn.meter(LoopTimeMeter())  # a carrier's connection until its call is linked
     _records_then_reset(conn, 3)
     await eventually(lambda: len(peer.data) >= 50)
     await asyncio.sleep(0.1)
@@ -2784,7 +2784,7 @@ async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_it
         fleet.close()
 
 
-class _WatchedMeter(CpuMeter):
+class _WatchedMeter(LoopTimeMeter):
     """A meter that says whether it is counting now."""
 
     __slots__ = ("inside",)

@@ -4,8 +4,8 @@ import asyncio
 import itertools
 import time
 
-from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 
 
 def _busy(seconds: float) -> None:
@@ -76,7 +76,7 @@ def _spend_cpu(seconds: float) -> None:
 
 async def test_the_parses_cpu_is_counted_in_its_meter():
     """Accept pacing weighs the heads' parses as new connections' work."""
-    meter = CpuMeter()
+    meter = LoopTimeMeter()
     queue = HeadQueue(budget=0.05, meter=meter)
     done: list[int] = []
     for i in range(3):

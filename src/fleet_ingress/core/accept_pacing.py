@@ -21,7 +21,7 @@ and close, a health check) barely count, and calls' own CPU not at all: a
 worker busy with calls still takes new calls at full speed.
 
 I/O-free: the caller passes the wall clock and the time its new connections
-have held the event loop so far (`net.cpu_meter`: their CPU, and any wait for
+have held the event loop so far (`net.loop_time_meter`: their CPU, and any wait for
 a CPU meanwhile, which the calls' frames wait through too).
 """
 

@@ -32,10 +32,10 @@ from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
 from fleet_ingress.logs import OwnProcess, fields
 from fleet_ingress.net.acme import AcmeConnections
-from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.dead_peers import DeadPeerWatch
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import AFTER_STALL, STALL, patient_timeout
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 
 __all__ = [
     "Call",
@@ -428,7 +428,7 @@ class Registry:
     acme: AcmeConnections = field(default_factory=AcmeConnections)  # the :80 listener's
     # The CPU of carrier connections until their call is linked: accept, TLS
     # handshake, head, answer and close (what a flood costs; accept pacing reads it).
-    new_connection_cpu: CpuMeter = field(default_factory=CpuMeter)
+    new_connection_cpu: LoopTimeMeter = field(default_factory=LoopTimeMeter)
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import cast
 
-from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 
 log = logging.getLogger("fleet_ingress.proxy")
 
@@ -30,7 +30,7 @@ DEFAULT_BUDGET = 0.0005
 
 
 class HeadQueue:
-    def __init__(self, budget: float = DEFAULT_BUDGET, meter: CpuMeter | None = None) -> None:
+    def __init__(self, budget: float = DEFAULT_BUDGET, meter: LoopTimeMeter | None = None) -> None:
         self.budget = budget
         self.meter = meter  # where the parses' CPU is counted (new connections' work)
         self._waiting: deque[Callable[[], None]] = deque()

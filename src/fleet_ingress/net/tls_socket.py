@@ -106,7 +106,6 @@ import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, cast
 
-from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import (
     TCP_ESTABLISHED,
@@ -118,6 +117,7 @@ from fleet_ingress.net.liveness import (
     read_tcp_state,
     window_closed_on_unsent,
 )
+from fleet_ingress.net.loop_time_meter import LoopTimeMeter
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
 
 # The codec `ssl` encodes a fleet's server_hostname with, looked up (its module
@@ -310,7 +310,7 @@ class TLSConnection:
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
         writer_registered: bool = False,
-        meter: CpuMeter | None = None,
+        meter: LoopTimeMeter | None = None,
         peername: tuple[str, int] | None = None,
     ) -> None:
         """``peername``: the peer's address where the caller has it (an accept
@@ -401,7 +401,7 @@ class TLSConnection:
         # read for a writable socket (`_detour_changed`). False: the hot path.
         self._detour = True
 
-    def meter(self, meter: CpuMeter | None) -> None:
+    def meter(self, meter: LoopTimeMeter | None) -> None:
         """Count the loop's time in this connection's I/O callbacks in `meter`
         (None: stop; a connection made with ``meter`` starts so).
 
@@ -1688,7 +1688,7 @@ def wrap_accepted(
     ctx: ssl.SSLContext,
     *,
     nodelay: bool = True,
-    meter: CpuMeter | None = None,
+    meter: LoopTimeMeter | None = None,
     peername: tuple[str, int] | None = None,
     **kw: int,
 ) -> TLSConnection:
@@ -1713,7 +1713,7 @@ async def connect(
     session: ssl.SSLSession | None = None,
     kept_session: HeldSession | None = None,
     underway: Underway | None = None,
-    meter: CpuMeter | None = None,
+    meter: LoopTimeMeter | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
     **kw: int,
 ) -> TLSConnection:

@@ -20,7 +20,7 @@ from typing import TypeVar
 _T = TypeVar("_T")
 
 
-class CpuMeter:
+class LoopTimeMeter:
     __slots__ = ("spent",)
 
     def __init__(self) -> None:
