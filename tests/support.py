@@ -484,16 +484,66 @@ def _ephemeral_start() -> int:
         return 32768  # Linux's default
 
 
+def pick_range(worker: str | None, workers: str | None, below: int) -> range:
+    """The ports this test process picks from: those from PICKED_PORTS_FROM up
+    to `below` (the ephemeral range's start), split between pytest-xdist's
+    workers (`worker` is PYTEST_XDIST_WORKER, gw0..gwN-1; `workers`,
+    PYTEST_XDIST_WORKER_COUNT) so that no two pick the same port. A port one
+    worker picked and released is still free until the ingress it named binds
+    it, seconds later under systemd; another worker picking it meanwhile made
+    that bind fail (CI on cb4bf60b: "cannot listen: Address already in use")."""
+    whole = range(PICKED_PORTS_FROM, below)
+    if worker is None or not worker.startswith("gw") or not worker[2:].isdigit():
+        return whole
+    try:
+        count = int(workers or "1")
+    except ValueError:
+        return whole
+    index = int(worker[2:])
+    if count <= 1 or index >= count:
+        return whole
+    size = len(whole) // count
+    return whole[index * size : (index + 1) * size]
+
+
+class _PortCursor:
+    """Walks this process's pick range from a random start, so that a port
+    handed out is not handed out again by this process until every other port
+    in the range was (a test picking twice, or the next test, never gets a
+    port an earlier pick named that may not be bound yet)."""
+
+    def __init__(self) -> None:
+        self._range: range | None = None
+        self._next = 0
+
+    def take(self, tries: int) -> Iterator[int]:
+        if self._range is None:
+            self._range = pick_range(
+                os.environ.get("PYTEST_XDIST_WORKER"),
+                os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+                _ephemeral_start(),
+            )
+            self._next = random.randrange(len(self._range)) if self._range else 0
+        span = self._range
+        for _ in range(min(tries, len(span))):
+            port = span[self._next]
+            self._next = (self._next + 1) % len(span)
+            yield port
+
+
+_PORT_CURSOR = _PortCursor()
+
+
 async def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports with nothing bound to them, picked at
-    random below the ephemeral range (PICKED_PORTS_FROM): each is held until
-    all are chosen, bound without SO_REUSEADDR (so none is in TIME_WAIT either).
-    Where the ephemeral range leaves no room below it, ports the kernel picks."""
-    candidates = range(PICKED_PORTS_FROM, _ephemeral_start())
+    """`count` distinct loopback ports with nothing bound to them, taken in turn
+    from this process's share of the ports below the ephemeral range
+    (`pick_range`): each is held until all are chosen, bound without
+    SO_REUSEADDR (so none is in TIME_WAIT either). Where the ephemeral range
+    leaves too little room below it, ports the kernel picks."""
     held: list[socket.socket] = []
     try:
-        if len(candidates) >= 1000:
-            for port in random.sample(candidates, min(PICK_TRIES, len(candidates))):
+        if _ephemeral_start() - PICKED_PORTS_FROM >= 1000:
+            for port in _PORT_CURSOR.take(PICK_TRIES):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 try:
                     sock.bind(("127.0.0.1", port))
