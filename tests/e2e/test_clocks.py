@@ -51,7 +51,11 @@ from tests.support import (
     write_run_home,
 )
 
-# alone: stops of 2.5 s whose outcome hangs on timers a loaded host would make late.
+# alone: stops of 2-2.5 s whose outcome hangs on timers a loaded host would make late.
+# A stop is 2 s where the timer it outlasts is 1.5 s at most from before the stop
+# (carrier_silence 1 s, swept every 0.25 s; timeouts.response 1 s; check_timeout
+# 1 s; timeouts.connect 1.5 s): due when the process is continued, as at 2.5 s.
+# 2.5 s where a 2 s wait begun before the stop is due in it (FORCED_REMOVAL_WAIT).
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 
 FRAME = b"\x01" * 160  # a 20 ms media frame
@@ -170,7 +174,7 @@ async def _answer_held_by_stopped_supervisor(worker: int, supervisor: int, secon
 async def test_calls_streaming_through_a_stopped_worker_are_not_ended_as_carrier_silent(
     tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """The worker stopped 2.5 s, its carriers streaming all along, with
+    """The worker stopped 2 s, its carriers streaming all along, with
     carrier_silence = 1 s: once continued, each call goes on. A loop resumed
     from a stop runs its due timers before it reads its sockets (the stop
     interrupts epoll_wait, whose time is then up: uvloop and asyncio's loop
@@ -203,7 +207,7 @@ async def test_calls_streaming_through_a_stopped_worker_are_not_ended_as_carrier
         try:
             await until_stopped(worker)
             sending.set()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.0)
         finally:
             os.kill(worker, signal.SIGCONT)
         await asyncio.sleep(1.5)
@@ -262,7 +266,7 @@ async def test_a_call_lost_with_its_worker_after_a_wall_clock_step_has_its_own_d
 async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
     tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """The worker stopped 2.5 s while it waits for a fleet's 101 (the fleet
+    """The worker stopped 2 s while it waits for a fleet's 101 (the fleet
     answers after 0.6 s, timeouts.response = 1 s): once continued, the call
     goes on, on its first attempt. The response timer ran first on the loop
     resumed, its 101 unread: the attempt was given up, the bot it had answered
@@ -284,7 +288,7 @@ async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
             os.kill(worker, signal.SIGSTOP)
             try:
                 await until_stopped(worker)
-                await asyncio.sleep(2.5)
+                await asyncio.sleep(2.0)
             finally:
                 os.kill(worker, signal.SIGCONT)
             calls.append(await opening)
@@ -305,7 +309,7 @@ async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
 async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its_fleet(
     tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """The supervisor stopped 2.5 s, twice, with a probe under way each time (the
+    """The supervisor stopped 2 s, twice, with a probe under way each time (the
     fleet answers its health in 0.5 s, check_timeout 1 s, fall 1): the fleet
     stays UP and no check failure is counted; a call made as the supervisor
     goes on gets its 101. The probe's timeout ran first on the loop resumed,
@@ -321,7 +325,7 @@ async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its
             os.kill(service.proc.pid, signal.SIGSTOP)
             try:
                 await until_stopped(service.proc.pid)
-                await asyncio.sleep(2.5)
+                await asyncio.sleep(2.0)
             finally:
                 os.kill(service.proc.pid, signal.SIGCONT)
             calls.append(await connect(service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()))
@@ -419,7 +423,7 @@ class _HeldDoor:
 async def test_a_fleet_connection_made_while_the_worker_was_stopped_is_taken(
     tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """The worker stopped 2.5 s while it connects to its fleet, whose answer
+    """The worker stopped 2 s while it connects to its fleet, whose answer
     to the SYN (dropped once: the fleet's accept queue full) comes 1 s into
     the stop, within timeouts.connect = 1.5 s: once continued, the call goes
     on, on its first attempt. The connect timer ran first on the loop
@@ -446,7 +450,7 @@ async def test_a_fleet_connection_made_while_the_worker_was_stopped_is_taken(
             await until_stopped(worker)
             stopped_at = asyncio.get_running_loop().time()
             door.let_go()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.0)
             # The SYN sent again got through meanwhile: the connection was made.
             made = [t - stopped_at for t in door.accepted_at if t > stopped_at]
             assert len(made) == 1 and made[0] < 1.5, made
@@ -797,7 +801,7 @@ KEY_AUTH = b"Xy7-abc_DEF0123456789.nT4rpzJvQJY3_thumbprint-of-the-account-key"
 async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed(
     tls_files: TLSFiles, fleet: SimulatedFleet, late: str
 ) -> None:
-    """The worker stopped 2.5 s while it relays a challenge to certbot, whose
+    """The worker stopped 2 s while it relays a challenge to certbot, whose
     answer (`response`: after 0.6 s; `connect`: its SYN dropped once, answered
     1 s into the stop) comes within timeouts.response = 1 s (connect = 1.5 s):
     once continued, the validator gets certbot's answer. The timer ran first on
@@ -837,7 +841,7 @@ async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed
             await until_stopped(worker)
             if late == "connect":
                 door.let_go()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.0)
         finally:
             os.kill(worker, signal.SIGCONT)
         async with asyncio.timeout(5):
