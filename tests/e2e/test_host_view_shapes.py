@@ -571,7 +571,6 @@ async def test_room_made_by_the_operator_admits_queued_calls_at_once(
     if how == "sighup-maxconn":
         await _fill_rest(service, tls_files, calls)
     host.waiting += await _queue_in_order(service, tls_files, 3)
-    started = time.monotonic()
     if how == "ready":
         code, said = await admin_command(service, "ready", "c")
         assert code == 0, said
@@ -581,10 +580,17 @@ async def test_room_made_by_the_operator_admits_queued_calls_at_once(
         fleets.write_text(fleets.read_text().replace("maxconn=5", "maxconn=8"))
         code, said = await admin_command(service, "reload")
         assert code == 0, said
+    # "At once": timed from the command's answer (the room made), not from its
+    # sending. The command itself (a reload's off-loop reads and its round
+    # through three workers) took 1.3-4.0 s at load 12 (session 49), the one
+    # flake of 3.17 s against 3 s that timed both; the queued calls were in by
+    # the answer each time (within 0.01 s of it), well inside timeouts.queue
+    # (10 s): left queued, they would be refused 503 or come late.
+    applied = time.monotonic()
     async with asyncio.timeout(5):
         for task in host.waiting:
             calls.append(await task)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - applied < 1.5
     assert three_fleets[2].peak_calls <= (5 if how == "ready" else 8)
 
 
