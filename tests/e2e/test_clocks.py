@@ -61,7 +61,7 @@ pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 FRAME = b"\x01" * 160  # a 20 ms media frame
 # The product's waits that a test stops a process past, shortened in a copy of the
 # package the service runs from (`_shortened`): the same stop past each, sooner.
-SHORT_RELOAD_ANSWER_TIMEOUT = 3.0  # RELOAD_ANSWER_TIMEOUT: 10 s
+SHORT_RELOAD_ANSWER_TIMEOUT = 2.0  # RELOAD_ANSWER_TIMEOUT: 10 s
 SHORT_RESTORE_TIMEOUT = 3.0  # RESTORE_TIMEOUT: 5 s
 SHORT_HANG_TIMEOUT = 3.0  # MIN_HANG_TIMEOUT, process.worker_hang_timeout's least: 5 s
 WALL_CLOCK_STEP = Path(__file__).parent.parent / "wall_clock_step"
@@ -524,7 +524,7 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
 ) -> None:
     """`fleet-ingress reload`, its worker stopped until the supervisor has sent
     it the reload and is stopped itself; the worker answers at once, and the
-    supervisor is continued 0.5 s past RELOAD_ANSWER_TIMEOUT (3 s in the copy
+    supervisor is continued 0.5 s past RELOAD_ANSWER_TIMEOUT (2 s in the copy
     run, not 10): the answer waiting in its channel is read before the round's
     wait ends. The round's timer ran first: the log said "a worker did not
     reload" (an error), the reload's answer "worker N did not reload: no answer
