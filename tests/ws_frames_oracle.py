@@ -278,6 +278,11 @@ def check_reads(stream: bytes, cuts: list[int], *, views: Pick | None = None) ->
         if need >= GAVE_UP:  # a frame no stream ends: nothing more to track
             gave_up = True
         assert told.gave_up == gave_up, where
+        # `feed`'s first look (one whole frame changes nothing) is taken only
+        # where it may be: at a boundary, no split header, the spare full.
+        for t in (told, untold):
+            at_rest = t.need == 0 and not t.partial and t.spare == SPARE_FRAMES
+            assert t.at_rest == at_rest, where
         if gave_up:
             continue
         assert (told.need, bytes(told.partial)) == (need, partial), where

@@ -84,12 +84,16 @@ def max_frames(n: int) -> int:
 
 
 class FrameTracker:
-    __slots__ = ("closed", "need", "partial", "spare")
+    __slots__ = ("at_rest", "closed", "need", "partial", "spare")
 
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
         self.partial = b""  # a header's first bytes, split across reads
         self.spare = SPARE_FRAMES  # frame starts walkable past a read's allowance
+        # At a frame boundary, no header split, the spare full: a read of one
+        # whole frame other than a close frame changes nothing (`feed`'s first
+        # look, one attribute for three; `_feed` sets it after every other read).
+        self.at_rest = True
         # A close frame started this way (nothing may follow it, the ingress's
         # own neither), seen wherever it was in a read: 0, CLOSE_STARTED, or
         # CLOSE_WHOLE once its last byte is read. Then the call machine hears
@@ -124,8 +128,32 @@ class FrameTracker:
         path's one look after a read, where it read `closed` and then took
         the untracked direction's lone-read check too (about 150
         instructions a read less, callgrind, session 47)."""
-        if n is None:
-            n = len(data)
+        if self.at_rest:  # one whole frame, not a close frame: the common read?
+            try:
+                first, second, length16 = _FIRST_FOUR(data)
+            except struct.error:  # a read of 3 bytes or fewer: judged below
+                pass
+            else:
+                # Its length from two tables (fewer steps than from the second
+                # byte's bits: callgrind, session 46); 0x88: a close frame's
+                # first byte (_CLOSE_FIRST_BYTE, a constant here: no global read).
+                if (
+                    _BYTES_BUT_LENGTH16[second] + _LENGTH16[second] * length16 == n
+                    and first != 0x88
+                ):
+                    return 0
+        told = self._feed(data, len(data) if n is None else n)
+        self.at_rest = self.need == 0 and not self.partial and self.spare >= SPARE_FRAMES
+        return told
+
+    def give_up(self) -> None:
+        """Track this direction no further: every later read may be a close
+        frame alone (`feed` returns nonzero for each)."""
+        self.need, self.partial, self.spare, self.at_rest = GAVE_UP, b"", 0, False
+
+    def _feed(self, data: Buffer, n: int) -> int:
+        """`feed` but for its first look (every read the tracker is not at rest
+        for, or that is not one whole frame other than a close frame)."""
         need = self.need
         if need == 0 and not self.partial:  # one whole frame, the common read?
             # Its first four bytes in one unpack, its length from two tables
@@ -197,7 +225,7 @@ class FrameTracker:
         while pos < n:
             frames += 1
             if frames > limit:
-                self.need, self.partial, self.spare = GAVE_UP, b"", 0
+                self.give_up()
                 return
             end = _frame_end(data, pos)
             if end < 0:
