@@ -67,16 +67,18 @@ _HEADER_BYTES = tuple(
     (2 if b & 0x7F < 126 else 4 if b & 0x7F == 126 else 10) + (4 if b & 0x80 else 0)
     for b in range(256)
 )
-# By its second byte, a frame's bytes but for a 16-bit length (`feed`'s common
-# read, one whole frame: its length is _BYTES_BUT_LENGTH16[second] +
-# _LENGTH16[second] * the 16-bit number that follows): the header and a 7-bit
-# length; the header of a 16-bit one (126); for a 64-bit one (127), less than any
-# read's length (walked).
-_BYTES_BUT_LENGTH16 = tuple(
-    -GAVE_UP if b & 0x7F == 127 else _HEADER_BYTES[b] + (0 if b & 0x7F == 126 else b & 0x7F)
-    for b in range(256)
+# By its second byte, what says a read of n bytes is one whole frame (`feed`'s
+# common read, its 16-bit length following the second byte): a 16-bit length
+# (126), n - the length is _HEADER16[second] (its header: 4, or 8 masked); a 7-bit
+# one, n is _WHOLE7[second] (its header and payload). Else _NOT_THIS_FORM, less
+# than n - a 16-bit number ever is (a 64-bit length is walked). Compared so, no
+# int is made (n - length is 4 or 8, a small int: the product and sum of the
+# tables before were two ints made and freed a read, callgrind, session 49).
+_NOT_THIS_FORM = -(1 << 20)
+_HEADER16 = tuple(_HEADER_BYTES[b] if b & 0x7F == 126 else _NOT_THIS_FORM for b in range(256))
+_WHOLE7 = tuple(
+    _HEADER_BYTES[b] + (b & 0x7F) if b & 0x7F < 126 else _NOT_THIS_FORM for b in range(256)
 )
-_LENGTH16 = tuple(1 if b & 0x7F == 126 else 0 for b in range(256))
 
 
 def max_frames(n: int) -> int:
@@ -117,9 +119,10 @@ class FrameTracker:
     def gave_up(self) -> bool:
         return self.need >= GAVE_UP
 
-    def feed(self, data: Buffer, n: int | None = None) -> int:
+    def feed(self, data: Buffer, n: int = 0) -> int:
         """`data` was relayed, in this direction (`n`: its length, when the
-        caller has it: a relayed read's hot path). Returns nonzero when the
+        caller has it: a relayed read's hot path; 0, not given: no read is
+        empty, and the first look takes no read of 0 bytes). Returns nonzero when the
         caller is to look at this read for a close frame: one started in this
         direction (`closed`; 0 for a read of one whole frame other than a
         close frame: one before it was whole in an earlier read, and returned
@@ -134,15 +137,13 @@ class FrameTracker:
             except struct.error:  # a read of 3 bytes or fewer: judged below
                 pass
             else:
-                # Its length from two tables (fewer steps than from the second
-                # byte's bits: callgrind, session 46); 0x88: a close frame's
-                # first byte (_CLOSE_FIRST_BYTE, a constant here: no global read).
-                if (
-                    _BYTES_BUT_LENGTH16[second] + _LENGTH16[second] * length16 == n
-                    and first != 0x88
-                ):
+                # Its length from a table by its second byte (fewer steps than
+                # from the byte's bits: callgrind, session 46), the 16-bit form
+                # first (media frames); 0x88: a close frame's first byte
+                # (_CLOSE_FIRST_BYTE, a constant here: no global read).
+                if (n - length16 == _HEADER16[second] or n == _WHOLE7[second]) and first != 0x88:
                     return 0
-        told = self._feed(data, len(data) if n is None else n)
+        told = self._feed(data, n or len(data))
         self.at_rest = self.need == 0 and not self.partial and self.spare >= SPARE_FRAMES
         return told
 
@@ -163,7 +164,7 @@ class FrameTracker:
             except struct.error:  # a read of 3 bytes or fewer: judged below
                 pass
             else:
-                if _BYTES_BUT_LENGTH16[second] + _LENGTH16[second] * length16 == n:
+                if n - length16 == _HEADER16[second] or n == _WHOLE7[second]:
                     if self.spare < SPARE_FRAMES:
                         self._refill(max_frames(n) - 1)
                     if first == _CLOSE_FIRST_BYTE:
