@@ -86,7 +86,7 @@ def max_frames(n: int) -> int:
 
 
 class FrameTracker:
-    __slots__ = ("at_rest", "closed", "need", "partial", "spare")
+    __slots__ = ("at_rest", "closed", "in_payload", "need", "partial", "spare")
 
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
@@ -96,6 +96,10 @@ class FrameTracker:
         # whole frame other than a close frame changes nothing (`feed`'s first
         # look, one attribute for three; `_feed` sets it after every other read).
         self.at_rest = True
+        # Inside a frame's payload (not given up), the spare full: a read that
+        # ends at or before the payload's end changes `need` alone (`feed`'s
+        # second look).
+        self.in_payload = False
         # A close frame started this way (nothing may follow it, the ingress's
         # own neither), seen wherever it was in a read: 0, CLOSE_STARTED, or
         # CLOSE_WHOLE once its last byte is read. Then the call machine hears
@@ -143,14 +147,26 @@ class FrameTracker:
                 # (_CLOSE_FIRST_BYTE, a constant here: no global read).
                 if (n - length16 == _HEADER16[second] or n == _WHOLE7[second]) and first != 0x88:
                     return 0
+        elif self.in_payload and (need := self.need) >= n and n:
+            # Inside a frame's payload (a frame over reads: a large one, or one
+            # TCP cut): no frame start, nothing to refill.
+            self.need = need = need - n
+            if need == 0:
+                self.at_rest, self.in_payload = True, False
+            return self.closed
         told = self._feed(data, n or len(data))
-        self.at_rest = self.need == 0 and not self.partial and self.spare >= SPARE_FRAMES
+        need, full = self.need, self.spare >= SPARE_FRAMES
+        self.at_rest = need == 0 and full and not self.partial
+        # Not given up: by a walk, or a 64-bit length no stream ends (the spare
+        # may be full then).
+        self.in_payload = 0 < need < GAVE_UP and full
         return told
 
     def give_up(self) -> None:
         """Track this direction no further: every later read may be a close
         frame alone (`feed` returns nonzero for each)."""
-        self.need, self.partial, self.spare, self.at_rest = GAVE_UP, b"", 0, False
+        self.need, self.partial, self.spare = GAVE_UP, b"", 0
+        self.at_rest = self.in_payload = False
 
     def _feed(self, data: Buffer, n: int) -> int:
         """`feed` but for its first look (every read the tracker is not at rest
