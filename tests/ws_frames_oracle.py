@@ -278,6 +278,14 @@ def check_reads(stream: bytes, cuts: list[int], *, views: Pick | None = None) ->
         if need >= GAVE_UP:  # a frame no stream ends: nothing more to track
             gave_up = True
         assert told.gave_up == gave_up, where
+        # `feed`'s first look (one whole frame changes nothing) is taken only
+        # where it may be: at a boundary, no split header, the spare full; its
+        # second (a read inside a payload changes `need` alone) inside a
+        # payload not given up, the spare full.
+        for t in (told, untold):
+            full = t.spare == SPARE_FRAMES
+            assert t.at_rest == (t.need == 0 and not t.partial and full), where
+            assert t.in_payload == (0 < t.need < GAVE_UP and full), where
         if gave_up:
             continue
         assert (told.need, bytes(told.partial)) == (need, partial), where

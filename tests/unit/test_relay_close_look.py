@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_ingress.core.ws_frames import GAVE_UP, FrameTracker
+from fleet_ingress.core.ws_frames import FrameTracker
 from fleet_ingress.net import proxy
 
 
@@ -47,7 +47,7 @@ def _linked(cls: type[proxy._Side], *, gave_up: bool) -> tuple[proxy._Side, list
     side.peer = _Peer()  # type: ignore[assignment]
     side.tracker = FrameTracker()
     if gave_up:
-        side.tracker.need, side.tracker.spare = GAVE_UP, 0
+        side.tracker.give_up()
     if isinstance(side, proxy.FleetProtocol):
         side.exchange = None
     return side, heard

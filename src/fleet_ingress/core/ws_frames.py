@@ -12,11 +12,13 @@ session 25). A close frame must not land inside a frame in flight, so a
 after the fleet's 101: it keeps the bytes left in the frame under way and a
 header split across reads.
 
-Cost: a read inside a frame's payload is one comparison; a read that is one
-whole frame (the common read: a media frame a record) is judged by its first
-four bytes, read in one unpack, with no further call (callgrind, session 45:
-about 2,700 instructions a read with feed's call, against 5,000 when it went
-through `_frame_end`); a read that holds other frame starts walks their
+Cost: where the tracker is at rest (a frame boundary, the spare full: every
+read of a steady call), a read that is one whole frame (the common read: a
+media frame a record) is judged by its first four bytes, read in one unpack,
+against a table, with no further call; a read inside a frame's payload is a
+few comparisons (callgrind, session 49: a whole frame's read 1,470
+instructions over an empty call's, 2,240 before; session 45: 5,000 when it
+went through `_frame_end`); a read that holds other frame starts walks their
 headers (about 0.25 us each). A stream of tiny frames would make that walk
 the dearest part of a read, so past
 `max_frames(n)` frame starts in one read of n bytes the tracker draws on a
@@ -67,16 +69,18 @@ _HEADER_BYTES = tuple(
     (2 if b & 0x7F < 126 else 4 if b & 0x7F == 126 else 10) + (4 if b & 0x80 else 0)
     for b in range(256)
 )
-# By its second byte, a frame's bytes but for a 16-bit length (`feed`'s common
-# read, one whole frame: its length is _BYTES_BUT_LENGTH16[second] +
-# _LENGTH16[second] * the 16-bit number that follows): the header and a 7-bit
-# length; the header of a 16-bit one (126); for a 64-bit one (127), less than any
-# read's length (walked).
-_BYTES_BUT_LENGTH16 = tuple(
-    -GAVE_UP if b & 0x7F == 127 else _HEADER_BYTES[b] + (0 if b & 0x7F == 126 else b & 0x7F)
-    for b in range(256)
+# By its second byte, what says a read of n bytes is one whole frame (`feed`'s
+# common read, its 16-bit length following the second byte): a 16-bit length
+# (126), n - the length is _HEADER16[second] (its header: 4, or 8 masked); a 7-bit
+# one, n is _WHOLE7[second] (its header and payload). Else _NOT_THIS_FORM, less
+# than n - a 16-bit number ever is (a 64-bit length is walked). Compared so, no
+# int is made (n - length is 4 or 8, a small int: the product and sum of the
+# tables before were two ints made and freed a read, callgrind, session 49).
+_NOT_THIS_FORM = -(1 << 20)
+_HEADER16 = tuple(_HEADER_BYTES[b] if b & 0x7F == 126 else _NOT_THIS_FORM for b in range(256))
+_WHOLE7 = tuple(
+    _HEADER_BYTES[b] + (b & 0x7F) if b & 0x7F < 126 else _NOT_THIS_FORM for b in range(256)
 )
-_LENGTH16 = tuple(1 if b & 0x7F == 126 else 0 for b in range(256))
 
 
 def max_frames(n: int) -> int:
@@ -84,12 +88,20 @@ def max_frames(n: int) -> int:
 
 
 class FrameTracker:
-    __slots__ = ("closed", "need", "partial", "spare")
+    __slots__ = ("at_rest", "closed", "in_payload", "need", "partial", "spare")
 
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
         self.partial = b""  # a header's first bytes, split across reads
         self.spare = SPARE_FRAMES  # frame starts walkable past a read's allowance
+        # At a frame boundary, no header split, the spare full: a read of one
+        # whole frame other than a close frame changes nothing (`feed`'s first
+        # look, one attribute for three; `_feed` sets it after every other read).
+        self.at_rest = True
+        # Inside a frame's payload (not given up), the spare full: a read that
+        # ends at or before the payload's end changes `need` alone (`feed`'s
+        # second look).
+        self.in_payload = False
         # A close frame started this way (nothing may follow it, the ingress's
         # own neither), seen wherever it was in a read: 0, CLOSE_STARTED, or
         # CLOSE_WHOLE once its last byte is read. Then the call machine hears
@@ -113,9 +125,10 @@ class FrameTracker:
     def gave_up(self) -> bool:
         return self.need >= GAVE_UP
 
-    def feed(self, data: Buffer, n: int | None = None) -> int:
+    def feed(self, data: Buffer, n: int = 0) -> int:
         """`data` was relayed, in this direction (`n`: its length, when the
-        caller has it: a relayed read's hot path). Returns nonzero when the
+        caller has it: a relayed read's hot path; 0, not given: no read is
+        empty, and the first look takes no read of 0 bytes). Returns nonzero when the
         caller is to look at this read for a close frame: one started in this
         direction (`closed`; 0 for a read of one whole frame other than a
         close frame: one before it was whole in an earlier read, and returned
@@ -124,8 +137,42 @@ class FrameTracker:
         path's one look after a read, where it read `closed` and then took
         the untracked direction's lone-read check too (about 150
         instructions a read less, callgrind, session 47)."""
-        if n is None:
-            n = len(data)
+        if self.at_rest:  # one whole frame, not a close frame: the common read?
+            try:
+                first, second, length16 = _FIRST_FOUR(data)
+            except struct.error:  # a read of 3 bytes or fewer: judged below
+                pass
+            else:
+                # Its length from a table by its second byte (fewer steps than
+                # from the byte's bits: callgrind, session 46), the 16-bit form
+                # first (media frames); 0x88: a close frame's first byte
+                # (_CLOSE_FIRST_BYTE, a constant here: no global read).
+                if (n - length16 == _HEADER16[second] or n == _WHOLE7[second]) and first != 0x88:
+                    return 0
+        elif self.in_payload and (need := self.need) >= n and n:
+            # Inside a frame's payload (a frame over reads: a large one, or one
+            # TCP cut): no frame start, nothing to refill.
+            self.need = need = need - n
+            if need == 0:
+                self.at_rest, self.in_payload = True, False
+            return self.closed
+        told = self._feed(data, n or len(data))
+        need, full = self.need, self.spare >= SPARE_FRAMES
+        self.at_rest = need == 0 and full and not self.partial
+        # Not given up: by a walk, or a 64-bit length no stream ends (the spare
+        # may be full then).
+        self.in_payload = 0 < need < GAVE_UP and full
+        return told
+
+    def give_up(self) -> None:
+        """Track this direction no further: every later read may be a close
+        frame alone (`feed` returns nonzero for each)."""
+        self.need, self.partial, self.spare = GAVE_UP, b"", 0
+        self.at_rest = self.in_payload = False
+
+    def _feed(self, data: Buffer, n: int) -> int:
+        """`feed` but for its first look (every read the tracker is not at rest
+        for, or that is not one whole frame other than a close frame)."""
         need = self.need
         if need == 0 and not self.partial:  # one whole frame, the common read?
             # Its first four bytes in one unpack, its length from two tables
@@ -135,7 +182,7 @@ class FrameTracker:
             except struct.error:  # a read of 3 bytes or fewer: judged below
                 pass
             else:
-                if _BYTES_BUT_LENGTH16[second] + _LENGTH16[second] * length16 == n:
+                if n - length16 == _HEADER16[second] or n == _WHOLE7[second]:
                     if self.spare < SPARE_FRAMES:
                         self._refill(max_frames(n) - 1)
                     if first == _CLOSE_FIRST_BYTE:
@@ -197,7 +244,7 @@ class FrameTracker:
         while pos < n:
             frames += 1
             if frames > limit:
-                self.need, self.partial, self.spare = GAVE_UP, b"", 0
+                self.give_up()
                 return
             end = _frame_end(data, pos)
             if end < 0:
