@@ -439,7 +439,8 @@ class TLSConnection:
         """`_detour` again, after what it stands for may have gone (each of them
         set sets it True with it): a read event leaves the hot path while the
         connection is metered or set up, waits on a write or for a writable
-        socket, is paused, has ended, or is not open. One flag for the hot
+        socket, holds its writes for a renegotiation (`_release` after each
+        read), is paused, has ended, or is not open. One flag for the hot
         path to read: its five looks cost about 360 instructions a relayed
         record (callgrind, session 46)."""
         self._detour = (
@@ -449,6 +450,7 @@ class TLSConnection:
             or self._want_write_for_read
             or self._paused
             or self._eof
+            or self._held
             or self._state is not _OPEN
         )
 
@@ -803,7 +805,7 @@ class TLSConnection:
         read now: a renegotiation OpenSSL postponed starts in the next read, and
         the peer, waiting for our ClientHello, may send nothing to poll for."""
         if not self._held:
-            self._held = True
+            self._held = self._detour = True
             self._timer = PatientTimer(
                 self._loop, self._renegotiation_timeout, self._renegotiation_timed_out
             )
@@ -830,6 +832,7 @@ class TLSConnection:
         if self._state is _CLOSED or (renegotiating is not None and renegotiating()):
             return
         self._held = False
+        self._detour_changed()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -872,62 +875,6 @@ class TLSConnection:
             self._writing_paused = False
             if self._handler is not None:
                 self._handler.resume_writing()
-
-    def _read(self) -> None:
-        handler = self._handler
-        if handler is None:  # a write that wanted a read, before start(): read later
-            self._sync_io(eager=True)
-            return
-        sslobj = self._sslobj
-        buf = _READ_BUFFER
-        size = len(buf)
-        # Counted down past each read that goes on: a range() here cost about
-        # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
-        reads_left = MAX_READS_PER_WAKE
-        while True:
-            try:
-                n = sslobj.read(size, buf)
-            except ssl.SSLWantReadError:
-                self._release_buffers()
-                return
-            except ssl.SSLWantWriteError:
-                # OpenSSL must write before it can read on (a key update's answer):
-                # stop polling for reads, which would fire again at once.
-                self._want_write_for_read = self._detour = True
-                self._sync_io()
-                return
-            except ssl.SSLEOFError as exc:
-                if exc.reason is None:  # the socket failed, not a FIN
-                    self._finish(_with_errno(exc, self._sock))
-                else:
-                    self._peer_ended(clean=False)
-                return
-            except ssl.SSLZeroReturnError:  # close_notify after we sent ours
-                self._peer_ended(clean=True)
-                return
-            except OSError as exc:
-                self._finish(exc)
-                return
-            if n == 0:  # the peer's close_notify
-                self._peer_ended(clean=True)
-                return
-            handler.data_received(buf[:n])
-            # Also covers a handler that closed the connection (``_finish``
-            # drops it): nothing is read for a handler that is gone.
-            if self._paused or self._state is not _OPEN:
-                return
-            # A read that did not fill the buffer took its record whole, and
-            # OpenSSL (no read-ahead in CPython) holds nothing more: what
-            # follows is on the socket, and the level-triggered poll says so.
-            # One read per wake keeps the hot path free of the SSLWantReadError
-            # a second read would raise.
-            if n < size or not sslobj.pending():
-                return
-            reads_left -= 1
-            if not reads_left:
-                break
-        if sslobj.pending():
-            self._loop.call_soon(self._read_event)
 
     def _release_buffers(self) -> None:
         """After a read that wanted more: give OpenSSL's record buffers back.
@@ -1265,34 +1212,91 @@ class TLSConnection:
             else:
                 loop.remove_writer(fd)
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, wanted: bool = False) -> None:
         """The loop's read callback, registered as it is from the handshake to
-        the close. An open connection with nothing unusual (`_detour` False:
-        its call linked, reading, no write waiting for a read nor a read for
-        a writable socket, not ended) reads at once, on one check; anything
-        else takes `_read_event` (which unregisters a read event not wanted),
-        metered while a meter is set, and followed by a look at TCP while the
-        call is set up (`_read_watched`)."""
-        if not self._detour:
-            self._read()
-            if self._held:
-                self._release()
+        the close, and the read itself. An open connection with nothing
+        unusual (`_detour` False: its call linked, reading, no write waiting
+        for a read nor a read for a writable socket, no write held for a
+        renegotiation, not ended) reads at once, on one check; anything else
+        takes the detour: `_read_event` (which unregisters a read event not
+        wanted), metered while a meter is set, and followed by a look at TCP
+        while the call is set up (`_read_watched`). ``wanted`` True: called
+        by the detour's own paths (`_read_event`, `_on_writable`), which have
+        seen the read wanted: no check. The hot path's read is here, not in a
+        method of its own, and the detour too: a Python call a relayed record
+        less (one of a relayed message's ten, session 49), none more a
+        detoured event."""
+        if self._detour and not wanted:
+            if self._state is _HANDSHAKE and self._steps is not None:
+                # The event queues its step (or unregisters while one waits): the
+                # step is metered as its queue runs it. Metered here too, each of a
+                # carrier's two flights cost two thread_time system calls for a
+                # queue's append (1.7 a churned call, session 47); no look at TCP
+                # follows a read event in a handshake (`_reading_wanted`).
+                self._queue_step()
+                return
+            meter = self._meter
+            if meter is None:
+                self._read_event()
+            else:
+                meter.run(self._read_event)
+            if self._setting_up:
+                self._read_watched()
             return
-        if self._state is _HANDSHAKE and self._steps is not None:
-            # The event queues its step (or unregisters while one waits): the step
-            # is metered as its queue runs it. Metered here too, each of a
-            # carrier's two flights cost two thread_time system calls for a
-            # queue's append (1.7 a churned call, session 47); no look at TCP
-            # follows a read event in a handshake (`_reading_wanted`).
-            self._queue_step()
+        handler = self._handler
+        if handler is None:  # a write that wanted a read, before start(): read later
+            self._sync_io(eager=True)
             return
-        meter = self._meter
-        if meter is None:
-            self._read_event()
-        else:
-            meter.run(self._read_event)
-        if self._setting_up:
-            self._read_watched()
+        sslobj = self._sslobj
+        buf = _READ_BUFFER
+        size = len(buf)
+        # Counted down past each read that goes on: a range() here cost about
+        # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
+        reads_left = MAX_READS_PER_WAKE
+        while True:
+            try:
+                n = sslobj.read(size, buf)
+            except ssl.SSLWantReadError:
+                self._release_buffers()
+                return
+            except ssl.SSLWantWriteError:
+                # OpenSSL must write before it can read on (a key update's answer):
+                # stop polling for reads, which would fire again at once.
+                self._want_write_for_read = self._detour = True
+                self._sync_io()
+                return
+            except ssl.SSLEOFError as exc:
+                if exc.reason is None:  # the socket failed, not a FIN
+                    self._finish(_with_errno(exc, self._sock))
+                else:
+                    self._peer_ended(clean=False)
+                return
+            except ssl.SSLZeroReturnError:  # close_notify after we sent ours
+                self._peer_ended(clean=True)
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if n == 0:  # the peer's close_notify
+                self._peer_ended(clean=True)
+                return
+            handler.data_received(buf[:n])
+            # Also covers a handler that closed the connection (``_finish``
+            # drops it): nothing is read for a handler that is gone.
+            if self._paused or self._state is not _OPEN:
+                return
+            # A read that did not fill the buffer took its record whole, and
+            # OpenSSL (no read-ahead in CPython) holds nothing more: what
+            # follows is on the socket, and the level-triggered poll says so.
+            # One read per wake keeps the hot path free of the SSLWantReadError
+            # a second read would raise.
+            if n < size or not sslobj.pending():
+                return
+            reads_left -= 1
+            if not reads_left:
+                break
+        if sslobj.pending():
+            self._loop.call_soon(self._read_event)
 
     def _write_has_its_read(self) -> None:
         """A write that wanted a read has one: it goes on."""
@@ -1309,7 +1313,7 @@ class TLSConnection:
                 if self._state is not _OPEN:
                     return
             if not self._paused and not self._eof and not self._want_write_for_read:
-                self._read()
+                self._on_readable(True)
                 if self._held:
                     self._release()
             else:
@@ -1334,7 +1338,7 @@ class TLSConnection:
                 self._want_write_for_read = False
                 self._detour_changed()
                 if state is _OPEN and not self._paused:
-                    self._read()
+                    self._on_readable(True)
                     if self._state is not state:
                         return
                     if self._held:
