@@ -114,7 +114,6 @@ from fleet_ingress.net.liveness import (
     gave_no_answer,
     probes_out,
     read_tcp_info,
-    read_tcp_state,
     window_closed_on_unsent,
 )
 from fleet_ingress.net.loop_time_meter import LoopTimeMeter
@@ -500,7 +499,16 @@ class TLSConnection:
         head, held until timeouts.request. asyncio's loop polls on, and reads
         the reset. One getsockopt a read event until the call is linked (a
         few a call), none after: the silence sweep watches a tunnel."""
-        if self._reading_wanted() and not _tcp_established(self._sock):
+        # `_reading_wanted` spelt out: a Python call less at each of a call's
+        # set-up read events (about five, session 49).
+        if (
+            self._state is _OPEN
+            and not self._paused
+            and not self._eof
+            and not self._want_write_for_read
+            and self._handler is not None
+            and not _tcp_established(self._sock)
+        ):
             self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
 
     def _metered(self, callback: Callable[[], None]) -> None:
@@ -966,10 +974,17 @@ class TLSConnection:
         connection paused (flow control) that TCP says has ended is read on at
         its resume: its poll may be stopped, and the next pass may find it
         paused again."""
-        if not self._reading_wanted():
+        state = self._state
+        if (  # `_reading_wanted`, spelt out (each side of a call at its link)
+            state is not _OPEN
+            or self._paused
+            or self._eof
+            or self._want_write_for_read
+            or self._handler is None
+        ):
             if (
                 self._paused
-                and self._state is _OPEN
+                and state is _OPEN
                 and not self._eof
                 and not _tcp_established(self._sock)
             ):
@@ -1914,8 +1929,13 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
 def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
     peer's reset or FIN, nor after a timeout. Asked a few times a call while it
-    is set up (`_read_watched`, `linked`): its state byte alone is read."""
-    state = read_tcp_state(sock)
+    is set up (`_read_watched`, `linked`): its state byte alone is read, as
+    liveness.read_tcp_state reads it, here without its frame (five a churned
+    call, session 49)."""
+    try:
+        state = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return True
     return not state or state == _TCP_ESTABLISHED
 
 
@@ -1944,6 +1964,9 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
 
 # tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
 _TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
+_IPPROTO_TCP = socket.IPPROTO_TCP
+# None where there is no TCP_INFO: getsockopt raises TypeError, read as "cannot say".
+_TCP_INFO: Any = getattr(socket, "TCP_INFO", None)
 
 
 def peer_stopped_answering(info: bytes) -> bool:
