@@ -692,9 +692,13 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._renegotiating = _renegotiation_watch(self._sslobj, self._ssl)
+            if self._sslobj.version() == "TLSv1.2":  # no renegotiation in TLS 1.3
+                self._renegotiating = _renegotiation_watch(self._sslobj, self._ssl)
             self._state = _OPEN
-            self._detour_changed()
+            # Set up (until `linked`, never before the handshake's end) keeps
+            # `_detour` True: no look at the rest (two Python calls a call).
+            if not self._setting_up:
+                self._detour_changed()
             self._handshake_finished(None)
             return
         self._sync_io()
@@ -711,10 +715,17 @@ class TLSConnection:
         if exc is not None:
             self._discard_unread()
             self._finish(None)
-        else:
-            self._sync_io()
+            if done is not None:
+                done(exc)
+            return
         if done is not None:
-            done(exc)
+            done(None)
+        # Registered for the open connection after `done`, unless `done` started
+        # it (a carrier's: `start` registers for its handler) or closed it: a
+        # `_sync_io` a call less (session 49). What it registers now is what it
+        # did before `done`, which reads or writes nothing of it meanwhile.
+        if self._handler is None and self._state is _OPEN:
+            self._sync_io()
 
     def _discard_unread(self) -> None:
         """Before closing after a failed handshake: read (bounded) what the peer
