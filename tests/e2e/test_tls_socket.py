@@ -902,6 +902,7 @@ async def test_bytes_openssl_holds_are_read_at_once_and_when_reading_resumes(
     """With a read buffer smaller than a record, OpenSSL keeps the rest
     (pending()) and no poll event will say so: the layer must read it itself."""
     monkeypatch.setattr(tls_socket, "_READ_BUFFER", memoryview(bytearray(100)))
+    monkeypatch.setattr(tls_socket, "READ_BUFFER_SIZE", 100)
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     conn.write(b"a" * 1000)  # one record, then nothing more on the socket

@@ -127,7 +127,9 @@ codecs.lookup("idna")
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.
-# OpenSSL returns at most one record (16 KiB of plaintext) per read.
+# OpenSSL returns at most one record (16 KiB of plaintext) per read. The size
+# is the buffer's length, which the read event takes as said here (one
+# replaced goes with its size).
 READ_BUFFER_SIZE = 64 * 1024
 _READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
 # Reads per readable callback at most, so one busy connection cannot hold the loop.
@@ -1275,7 +1277,7 @@ class TLSConnection:
             return
         sslobj = self._sslobj
         buf = _READ_BUFFER
-        size = len(buf)
+        size = READ_BUFFER_SIZE  # len(buf), without a call a read event
         # Counted down past each read that goes on: a range() here cost about
         # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
         reads_left = MAX_READS_PER_WAKE
