@@ -1264,7 +1264,23 @@ class TLSConnection:
                 self._queue_step()
                 return
             meter = self._meter
-            if meter is None:
+            if self._state is _OPEN and not (
+                self._want_read_for_write
+                or self._paused
+                or self._eof
+                or self._want_write_for_read
+                or self._held
+            ):
+                # A set-up read event that reads (a head, a fleet's answer):
+                # `_read_event`'s read, without its frame (four a churned call,
+                # session 49).
+                if meter is None:
+                    self._on_readable(True)
+                else:
+                    meter.run(self._on_readable, True)
+                if self._held:
+                    self._release()
+            elif meter is None:
                 self._read_event()
             else:
                 meter.run(self._read_event)
