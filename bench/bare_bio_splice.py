@@ -26,9 +26,9 @@ runs it that way again, to read figures taken before.
 
 Bench variants, to see where the CPU per relayed message goes (environment,
 all off by default; ``--variant NAME:KEY=1 --targets bare-bio@NAME``). They
-replace ``TLSConnection._read`` (and ``resume_reading`` for read-ahead) in this
+replace ``TLSConnection._on_readable``'s read (and ``resume_reading`` for read-ahead) in this
 process only, nothing in src/; the replacement reads, and handles a read that
-fails, as ``TLSConnection._read`` does:
+fails, as ``TLSConnection._on_readable``'s read does:
 
 - ``BARE_BIO_FUSED=1``: a read is written to the peer's ``_sslobj`` inside the
   read loop (no ``data_received`` / ``write`` frames): about the least Python a
@@ -57,7 +57,7 @@ fails, as ``TLSConnection._read`` does:
   more, with no Python frame. Python is called only for what is not the hot
   path: a connection paused, closing or with a write waiting (its own
   ``_on_readable``), a read that ends or fails or wants a write (as
-  ``TLSConnection._read`` handles it), a write that does not finish (the peer's
+  ``TLSConnection._on_readable``'s read handles it), a write that does not finish (the peer's
   write buffer, flow control) or fails. Built on demand
   (bench/c_relay/build.py: the host's cc, this Python's headers, the libssl
   ``_ssl`` uses); the splice exits saying why when it cannot be built.
@@ -70,7 +70,7 @@ fails, as ``TLSConnection._read`` does:
   as the plain read: a pause stops the next wake's reads (this one's records
   are handed on; 64 KiB at most past the high-water mark, within the write
   buffer's bound). A read that fails after records were read hands them on
-  first, then ends as ``TLSConnection._read`` does. OpenSSL's buffers are
+  first, then ends as ``TLSConnection._on_readable``'s read does. OpenSSL's buffers are
   given back (``_release_buffers``) after a wake that read nothing, as the
   plain read does at its ``SSLWantReadError``, not after every wake's last
   read (that would be a ctypes call a wake). ``BARE_BIO_COALESCE=adaptive``:
@@ -362,7 +362,7 @@ def _write_fused(conn: TLSConnection, data: memoryview) -> None:
 
 
 def _read_variant(self: TLSConnection) -> None:
-    """``TLSConnection._read`` with the variants' switches."""
+    """``TLSConnection._on_readable``'s read with the variants' switches."""
     sslobj = self._sslobj
     buf = tls_socket._READ_BUFFER
     size = len(buf)
@@ -432,7 +432,7 @@ _BOUND = "bound"  # the wake's records or the buffer's room: the next wake reads
 
 
 def _read_coalesced(self: TLSConnection) -> None:
-    """``TLSConnection._read``, the records a wake finds read into one buffer and
+    """``TLSConnection._on_readable``'s read, the records a wake finds read into one buffer and
     handed to the handler in one ``data_received`` (``BARE_BIO_COALESCE``). Every
     handler in this process is a `Side`. The first read is the plain one (the
     whole buffer, no slice); the reads after it only on a probing wake."""
@@ -490,7 +490,7 @@ def _read_coalesced(self: TLSConnection) -> None:
 
 def _read_stopped(self: TLSConnection, stop: object) -> None:
     """What ended a wake's reads (after its records were handed on), handled as
-    ``TLSConnection._read`` handles it."""
+    ``TLSConnection._on_readable``'s read handles it."""
     if isinstance(stop, ssl.SSLWantWriteError):
         # OpenSSL must write before it can read on: stop polling for reads.
         self._want_write_for_read = self._detour = True
@@ -572,7 +572,8 @@ def _relay_side(src: Side, dst: Side) -> None:
 
 
 def _relay_read_end(conn: TLSConnection, kind: str, reason: str | None) -> None:
-    """The C relay's read did not read a record: as ``TLSConnection._read`` handles it."""
+    """The C relay's read did not read a record: as ``TLSConnection._on_readable``'s
+    read handles it."""
     if kind == "want_write":
         conn._want_write_for_read = conn._detour = True
         conn._sync_io()
@@ -637,9 +638,23 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
                 "BARE_BIO_COALESCE: not with BARE_BIO_FUSED, _DRAIN, _READ_AHEAD or _C_RELAY "
                 "(each replaces the same read)"
             )
-        TLSConnection._read = _read_coalesced  # type: ignore[method-assign]
+        TLSConnection._on_readable = _reading_by(_read_coalesced)  # type: ignore[method-assign]
     elif any(_VARIANT.values()):
-        TLSConnection._read = _read_variant  # type: ignore[method-assign]
+        TLSConnection._on_readable = _reading_by(_read_variant)  # type: ignore[method-assign]
+
+
+def _reading_by(read: Callable[[TLSConnection], None]) -> Callable[..., None]:
+    """``TLSConnection._on_readable`` with `read` for its read (the hot path's,
+    and the detour's own: ``wanted``), its detour as it is."""
+    detour = TLSConnection._on_readable
+
+    def on_readable(self: TLSConnection, wanted: bool = False) -> None:
+        if self._detour and not wanted:
+            detour(self)
+        else:
+            read(self)
+
+    return on_readable
 
 
 async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[Address]) -> None:

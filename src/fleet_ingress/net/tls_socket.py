@@ -114,7 +114,6 @@ from fleet_ingress.net.liveness import (
     gave_no_answer,
     probes_out,
     read_tcp_info,
-    read_tcp_state,
     window_closed_on_unsent,
 )
 from fleet_ingress.net.loop_time_meter import LoopTimeMeter
@@ -128,7 +127,9 @@ codecs.lookup("idna")
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.
-# OpenSSL returns at most one record (16 KiB of plaintext) per read.
+# OpenSSL returns at most one record (16 KiB of plaintext) per read. The size
+# is the buffer's length, which the read event takes as said here (one
+# replaced goes with its size).
 READ_BUFFER_SIZE = 64 * 1024
 _READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
 # Reads per readable callback at most, so one busy connection cannot hold the loop.
@@ -439,7 +440,8 @@ class TLSConnection:
         """`_detour` again, after what it stands for may have gone (each of them
         set sets it True with it): a read event leaves the hot path while the
         connection is metered or set up, waits on a write or for a writable
-        socket, is paused, has ended, or is not open. One flag for the hot
+        socket, holds its writes for a renegotiation (`_release` after each
+        read), is paused, has ended, or is not open. One flag for the hot
         path to read: its five looks cost about 360 instructions a relayed
         record (callgrind, session 46)."""
         self._detour = (
@@ -449,6 +451,7 @@ class TLSConnection:
             or self._want_write_for_read
             or self._paused
             or self._eof
+            or self._held
             or self._state is not _OPEN
         )
 
@@ -498,7 +501,16 @@ class TLSConnection:
         head, held until timeouts.request. asyncio's loop polls on, and reads
         the reset. One getsockopt a read event until the call is linked (a
         few a call), none after: the silence sweep watches a tunnel."""
-        if self._reading_wanted() and not _tcp_established(self._sock):
+        # `_reading_wanted` spelt out: a Python call less at each of a call's
+        # set-up read events (about five, session 49).
+        if (
+            self._state is _OPEN
+            and not self._paused
+            and not self._eof
+            and not self._want_write_for_read
+            and self._handler is not None
+            and not _tcp_established(self._sock)
+        ):
             self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
 
     def _metered(self, callback: Callable[[], None]) -> None:
@@ -682,9 +694,13 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._renegotiating = _renegotiation_watch(self._sslobj, self._ssl)
+            if self._sslobj.version() == "TLSv1.2":  # no renegotiation in TLS 1.3
+                self._renegotiating = _renegotiation_watch(self._sslobj, self._ssl)
             self._state = _OPEN
-            self._detour_changed()
+            # Set up (until `linked`, never before the handshake's end) keeps
+            # `_detour` True: no look at the rest (two Python calls a call).
+            if not self._setting_up:
+                self._detour_changed()
             self._handshake_finished(None)
             return
         self._sync_io()
@@ -701,10 +717,17 @@ class TLSConnection:
         if exc is not None:
             self._discard_unread()
             self._finish(None)
-        else:
-            self._sync_io()
+            if done is not None:
+                done(exc)
+            return
         if done is not None:
-            done(exc)
+            done(None)
+        # Registered for the open connection after `done`, unless `done` started
+        # it (a carrier's: `start` registers for its handler) or closed it: a
+        # `_sync_io` a call less (session 49). What it registers now is what it
+        # did before `done`, which reads or writes nothing of it meanwhile.
+        if self._handler is None and self._state is _OPEN:
+            self._sync_io()
 
     def _discard_unread(self) -> None:
         """Before closing after a failed handshake: read (bounded) what the peer
@@ -803,7 +826,7 @@ class TLSConnection:
         read now: a renegotiation OpenSSL postponed starts in the next read, and
         the peer, waiting for our ClientHello, may send nothing to poll for."""
         if not self._held:
-            self._held = True
+            self._held = self._detour = True
             self._timer = PatientTimer(
                 self._loop, self._renegotiation_timeout, self._renegotiation_timed_out
             )
@@ -830,6 +853,7 @@ class TLSConnection:
         if self._state is _CLOSED or (renegotiating is not None and renegotiating()):
             return
         self._held = False
+        self._detour_changed()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -872,62 +896,6 @@ class TLSConnection:
             self._writing_paused = False
             if self._handler is not None:
                 self._handler.resume_writing()
-
-    def _read(self) -> None:
-        handler = self._handler
-        if handler is None:  # a write that wanted a read, before start(): read later
-            self._sync_io(eager=True)
-            return
-        sslobj = self._sslobj
-        buf = _READ_BUFFER
-        size = len(buf)
-        # Counted down past each read that goes on: a range() here cost about
-        # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
-        reads_left = MAX_READS_PER_WAKE
-        while True:
-            try:
-                n = sslobj.read(size, buf)
-            except ssl.SSLWantReadError:
-                self._release_buffers()
-                return
-            except ssl.SSLWantWriteError:
-                # OpenSSL must write before it can read on (a key update's answer):
-                # stop polling for reads, which would fire again at once.
-                self._want_write_for_read = self._detour = True
-                self._sync_io()
-                return
-            except ssl.SSLEOFError as exc:
-                if exc.reason is None:  # the socket failed, not a FIN
-                    self._finish(_with_errno(exc, self._sock))
-                else:
-                    self._peer_ended(clean=False)
-                return
-            except ssl.SSLZeroReturnError:  # close_notify after we sent ours
-                self._peer_ended(clean=True)
-                return
-            except OSError as exc:
-                self._finish(exc)
-                return
-            if n == 0:  # the peer's close_notify
-                self._peer_ended(clean=True)
-                return
-            handler.data_received(buf[:n])
-            # Also covers a handler that closed the connection (``_finish``
-            # drops it): nothing is read for a handler that is gone.
-            if self._paused or self._state is not _OPEN:
-                return
-            # A read that did not fill the buffer took its record whole, and
-            # OpenSSL (no read-ahead in CPython) holds nothing more: what
-            # follows is on the socket, and the level-triggered poll says so.
-            # One read per wake keeps the hot path free of the SSLWantReadError
-            # a second read would raise.
-            if n < size or not sslobj.pending():
-                return
-            reads_left -= 1
-            if not reads_left:
-                break
-        if sslobj.pending():
-            self._loop.call_soon(self._read_event)
 
     def _release_buffers(self) -> None:
         """After a read that wanted more: give OpenSSL's record buffers back.
@@ -1019,10 +987,17 @@ class TLSConnection:
         connection paused (flow control) that TCP says has ended is read on at
         its resume: its poll may be stopped, and the next pass may find it
         paused again."""
-        if not self._reading_wanted():
+        state = self._state
+        if (  # `_reading_wanted`, spelt out (each side of a call at its link)
+            state is not _OPEN
+            or self._paused
+            or self._eof
+            or self._want_write_for_read
+            or self._handler is None
+        ):
             if (
                 self._paused
-                and self._state is _OPEN
+                and state is _OPEN
                 and not self._eof
                 and not _tcp_established(self._sock)
             ):
@@ -1265,34 +1240,107 @@ class TLSConnection:
             else:
                 loop.remove_writer(fd)
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, wanted: bool = False) -> None:
         """The loop's read callback, registered as it is from the handshake to
-        the close. An open connection with nothing unusual (`_detour` False:
-        its call linked, reading, no write waiting for a read nor a read for
-        a writable socket, not ended) reads at once, on one check; anything
-        else takes `_read_event` (which unregisters a read event not wanted),
-        metered while a meter is set, and followed by a look at TCP while the
-        call is set up (`_read_watched`)."""
-        if not self._detour:
-            self._read()
-            if self._held:
-                self._release()
+        the close, and the read itself. An open connection with nothing
+        unusual (`_detour` False: its call linked, reading, no write waiting
+        for a read nor a read for a writable socket, no write held for a
+        renegotiation, not ended) reads at once, on one check; anything else
+        takes the detour: `_read_event` (which unregisters a read event not
+        wanted), metered while a meter is set, and followed by a look at TCP
+        while the call is set up (`_read_watched`). ``wanted`` True: called
+        by the detour's own paths (`_read_event`, `_on_writable`), which have
+        seen the read wanted: no check. The hot path's read is here, not in a
+        method of its own, and the detour too: a Python call a relayed record
+        less (one of a relayed message's ten, session 49), none more a
+        detoured event."""
+        if self._detour and not wanted:
+            if self._state is _HANDSHAKE and self._steps is not None:
+                # The event queues its step (or unregisters while one waits): the
+                # step is metered as its queue runs it. Metered here too, each of a
+                # carrier's two flights cost two thread_time system calls for a
+                # queue's append (1.7 a churned call, session 47); no look at TCP
+                # follows a read event in a handshake (`_reading_wanted`).
+                self._queue_step()
+                return
+            meter = self._meter
+            if self._state is _OPEN and not (
+                self._want_read_for_write
+                or self._paused
+                or self._eof
+                or self._want_write_for_read
+                or self._held
+            ):
+                # A set-up read event that reads (a head, a fleet's answer):
+                # `_read_event`'s read, without its frame (four a churned call,
+                # session 49).
+                if meter is None:
+                    self._on_readable(True)
+                else:
+                    meter.run(self._on_readable, True)
+                if self._held:
+                    self._release()
+            elif meter is None:
+                self._read_event()
+            else:
+                meter.run(self._read_event)
+            if self._setting_up:
+                self._read_watched()
             return
-        if self._state is _HANDSHAKE and self._steps is not None:
-            # The event queues its step (or unregisters while one waits): the step
-            # is metered as its queue runs it. Metered here too, each of a
-            # carrier's two flights cost two thread_time system calls for a
-            # queue's append (1.7 a churned call, session 47); no look at TCP
-            # follows a read event in a handshake (`_reading_wanted`).
-            self._queue_step()
+        handler = self._handler
+        if handler is None:  # a write that wanted a read, before start(): read later
+            self._sync_io(eager=True)
             return
-        meter = self._meter
-        if meter is None:
-            self._read_event()
-        else:
-            meter.run(self._read_event)
-        if self._setting_up:
-            self._read_watched()
+        sslobj = self._sslobj
+        buf = _READ_BUFFER
+        size = READ_BUFFER_SIZE  # len(buf), without a call a read event
+        # Counted down past each read that goes on: a range() here cost about
+        # 1,000 instructions a wake (callgrind, session 45), most wakes one read.
+        reads_left = MAX_READS_PER_WAKE
+        while True:
+            try:
+                n = sslobj.read(size, buf)
+            except ssl.SSLWantReadError:
+                self._release_buffers()
+                return
+            except ssl.SSLWantWriteError:
+                # OpenSSL must write before it can read on (a key update's answer):
+                # stop polling for reads, which would fire again at once.
+                self._want_write_for_read = self._detour = True
+                self._sync_io()
+                return
+            except ssl.SSLEOFError as exc:
+                if exc.reason is None:  # the socket failed, not a FIN
+                    self._finish(_with_errno(exc, self._sock))
+                else:
+                    self._peer_ended(clean=False)
+                return
+            except ssl.SSLZeroReturnError:  # close_notify after we sent ours
+                self._peer_ended(clean=True)
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if n == 0:  # the peer's close_notify
+                self._peer_ended(clean=True)
+                return
+            handler.data_received(buf[:n])
+            # Also covers a handler that closed the connection (``_finish``
+            # drops it): nothing is read for a handler that is gone.
+            if self._paused or self._state is not _OPEN:
+                return
+            # A read that did not fill the buffer took its record whole, and
+            # OpenSSL (no read-ahead in CPython) holds nothing more: what
+            # follows is on the socket, and the level-triggered poll says so.
+            # One read per wake keeps the hot path free of the SSLWantReadError
+            # a second read would raise.
+            if n < size or not sslobj.pending():
+                return
+            reads_left -= 1
+            if not reads_left:
+                break
+        if sslobj.pending():
+            self._loop.call_soon(self._read_event)
 
     def _write_has_its_read(self) -> None:
         """A write that wanted a read has one: it goes on."""
@@ -1309,7 +1357,7 @@ class TLSConnection:
                 if self._state is not _OPEN:
                     return
             if not self._paused and not self._eof and not self._want_write_for_read:
-                self._read()
+                self._on_readable(True)
                 if self._held:
                     self._release()
             else:
@@ -1334,7 +1382,7 @@ class TLSConnection:
                 self._want_write_for_read = False
                 self._detour_changed()
                 if state is _OPEN and not self._paused:
-                    self._read()
+                    self._on_readable(True)
                     if self._state is not state:
                         return
                     if self._held:
@@ -1910,8 +1958,13 @@ def _with_errno(exc: OSError, sock: socket.socket) -> OSError:
 def _tcp_established(sock: socket.socket) -> bool:
     """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
     peer's reset or FIN, nor after a timeout. Asked a few times a call while it
-    is set up (`_read_watched`, `linked`): its state byte alone is read."""
-    state = read_tcp_state(sock)
+    is set up (`_read_watched`, `linked`): its state byte alone is read, as
+    liveness.read_tcp_state reads it, here without its frame (five a churned
+    call, session 49)."""
+    try:
+        state = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return True
     return not state or state == _TCP_ESTABLISHED
 
 
@@ -1940,6 +1993,9 @@ def _socket_failure(sock: socket.socket) -> OSError | None:
 
 # tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
 _TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
+_IPPROTO_TCP = socket.IPPROTO_TCP
+# None where there is no TCP_INFO: getsockopt raises TypeError, read as "cannot say".
+_TCP_INFO: Any = getattr(socket, "TCP_INFO", None)
 
 
 def peer_stopped_answering(info: bytes) -> bool:
