@@ -219,7 +219,16 @@ class RequestHead:
         """The comma-separated tokens of every `name` header, lowercased."""
         found = self._tokens.get(name)
         if found is None:
-            found = self._tokens[name] = frozenset(comma_tokens(self._values(name)))
+            values = self._values(name)
+            if len(values) == 1 and values[0].find(b",") < 0:
+                # One value, one token (a call's Upgrade and Connection), as
+                # `comma_tokens` reads it, without its set comprehension: a call's
+                # `_local_answer` 42.0k -> 36.3k instructions (callgrind, session 49).
+                token = values[0].lower().strip(b" \t")
+                found = frozenset((token,)) if token else frozenset()
+            else:
+                found = frozenset(comma_tokens(values))
+            self._tokens[name] = found
         return found
 
     @property
