@@ -608,3 +608,29 @@ def test_a_101_in_any_shape_is_checked_as_h11_reads_it(lines: bytes):
     for cuts in ([], [len(answer) - 1], [9, 40]):
         expected = _outcome(_h11_only(headers), answer + b"\x81\x02hi", cuts)
         assert _outcome(_handshake(), answer + b"\x81\x02hi", cuts) == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_requests_with_odd_names_and_targets_are_written_as_h11_writes_them(seed: int):
+    """The writer's grammar whole (session 49: a value's class now refuses NUL, VT,
+    FF, CR and LF itself, no `translate` of the request after): odd bytes in the
+    names and the target as well as the values, a header split into two by a CRLF
+    in its value, none but Host: the same bytes, or the same refusal, whoever
+    writes the request."""
+    rng = random.Random(1000 + seed)
+    alphabet = b"\r\n \t:\x00\x01\x0b\x0c\x7f\x80a,_"
+    for _ in range(1500):
+        headers = [(b"Host", b"f")]
+        for name, value in ((b"X-A", b"v"), (b"Upgrade", b"websocket"), (b"X-B", b"a b")):
+            name, value = bytearray(name), bytearray(value)
+            for field in rng.sample([name, value], rng.randint(0, 2)):
+                field.insert(rng.randint(0, len(field)), rng.choice(alphabet))
+            if rng.random() < 0.05:
+                value += b"\r\nX-C: d"
+            headers.append((bytes(name), bytes(value)))
+        del headers[rng.randint(1, 3) : rng.choice([1, 3, 4])]
+        target = bytearray(rng.choice([b"/ws/x", b"/ws/x?a=%20"]))
+        if rng.random() < 0.3:
+            target.insert(rng.randint(0, len(target)), rng.choice(alphabet))
+        target = bytes(target)
+        assert _we_write(target, headers) == _h11_writes(target, headers), (target, headers)

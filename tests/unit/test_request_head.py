@@ -1,8 +1,16 @@
 """The carrier request head check, driven with bytes (no sockets)."""
 
+import random
+
 import pytest
 
-from fleet_ingress.core.request_head import RequestHeadReader, RequestRefused, parse_request_head
+from fleet_ingress.core.request_head import (
+    RequestHead,
+    RequestHeadReader,
+    RequestRefused,
+    comma_tokens,
+    parse_request_head,
+)
 
 UPGRADE = (
     b"GET /ws/bot-1?call=42&lang=en HTTP/1.1\r\n"
@@ -512,6 +520,24 @@ def test_a_header_s_tokens_are_made_once_a_head_and_cannot_be_changed(monkeypatc
     connection = head.tokens(b"connection")
     assert head.is_websocket_upgrade and head.handshake_field_named_by_connection is None
     assert head.tokens(b"connection") is connection == {b"keep-alive", b"upgrade"}
-    assert len(made) == 2  # Connection's, Upgrade's
+    # Connection's ("keep-alive, upgrade"), once; Upgrade's one token is read
+    # without it (session 49: `test_a_headers_tokens_are_comma_tokens_whatever_its_values`).
+    assert len(made) == 1
     with pytest.raises(AttributeError):
         connection.add(b"sec-websocket-key")  # type: ignore[attr-defined]
+
+
+def test_a_headers_tokens_are_comma_tokens_whatever_its_values() -> None:
+    """`RequestHead.tokens` reads one comma-free value without `comma_tokens`
+    (session 49): the same tokens, for values with OWS, case, commas, empty
+    ones and repeats, one value or several."""
+    rng = random.Random(49)
+    alphabet = [b"a", b"B", b",", b" ", b"\t", b"upgrade", b"Keep-Alive", b""]
+    for _ in range(2000):
+        values = [
+            b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+            for _ in range(rng.choice([1, 1, 1, 2, 3]))
+        ]
+        head = RequestHead(b"GET", b"/ws/x", [(b"Connection", value) for value in values])
+        assert head.tokens(b"connection") == comma_tokens(values), values
+        assert head.tokens(b"connection") is head.tokens(b"connection")  # made once
