@@ -119,6 +119,7 @@ async def test_a_worker_that_does_not_say_standing_gets_no_standing_budget() -> 
         lease = await asyncio.wait_for(client.lease(), 1)
         assert fleet.active == 1  # asked: counted before it was granted
         assert fleet.standing == 0 and server.slots.get(key).standing is None
+        assert not client.may_lease_now  # the call path awaits `lease` at once
         lease.release()
     finally:
         client.close()
@@ -451,7 +452,7 @@ async def test_no_grant_at_once_while_the_channel_has_unread_bytes_or_the_fleet_
     key, client = await _standing_client(server, 2003)
     try:
         await eventually(lambda: _taken(server, key))
-        assert client._budget is not None
+        assert client._budget is not None and client.may_lease_now
         slots = client._budget.slots()
         assert server.send(key, {"op": "tell-held"})  # written now: unread in this turn
         await eventually(lambda: client._channel_unread())

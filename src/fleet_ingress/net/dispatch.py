@@ -73,6 +73,12 @@ class SlotSource(Protocol):
         """`call`: who the call is (`Call.described`), for a line if it is lost."""
         ...
 
+    @property
+    def may_lease_now(self) -> bool:
+        """Whether its `lease_now` (where it has one) may hand a slot over now:
+        `net.proxy` asks it only then, else awaits `lease` at once."""
+        ...
+
 
 class DescribedCall(Protocol):
     """Who a call is, as its slot request says it (`net.calls.Call.described`)."""
@@ -217,6 +223,9 @@ class Dispatcher:
         is not needed here: a call dies with this process's own log."""
         grant = await self._acquire(avoid)
         return Lease(self, grant.fleet, grant)
+
+    # Whether `lease_now` is worth asking (`net.proxy`): always in one process.
+    may_lease_now = True
 
     def lease_now(
         self, avoid: Collection[str] = (), call: DescribedCall | None = None

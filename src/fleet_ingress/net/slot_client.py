@@ -422,6 +422,14 @@ class SlotClient(asyncio.Protocol):
             timer.cancel()
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
 
+    @property
+    def may_lease_now(self) -> bool:
+        """Whether `lease_now` may grant (`net.proxy` asks it only then): a
+        budget stands. Without one (several workers, none taking standing
+        budgets: the default) the call's Task is made at once, not after a
+        callback that would find nothing (7k instructions more a call)."""
+        return self._budget is not None
+
     def lease_now(
         self, avoid: Collection[str] = (), call: DescribedCall | None = None
     ) -> RemoteLease | None:
