@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import uvloop
 
@@ -41,6 +42,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net import slot_server
 from fleet_ingress.net.call_table_map import CallTableWriter, make_table
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.slot_client import SlotClient
@@ -183,7 +185,28 @@ async def _probes(server: SlotServer, every: float) -> None:
             server.wake()
 
 
+def _count_channel(ops: Counter[str], reads: list[int]) -> None:
+    """Count what the coordinator reads: each message by op, and its reads
+    (`data_received`: one a wake-up of the channel, however many lines)."""
+    received = slot_server._Channel.data_received
+    handle = SlotServer._handle
+
+    def counted_read(channel: slot_server._Channel, data: bytes) -> None:
+        reads[0] += 1
+        received(channel, data)
+
+    def counted_handle(server: SlotServer, channel: slot_server._Channel, message: dict) -> None:
+        ops[str(message.get("op"))] += 1
+        handle(server, channel, message)
+
+    slot_server._Channel.data_received = counted_read  # type: ignore[method-assign]
+    SlotServer._handle = counted_handle  # type: ignore[method-assign]
+
+
 async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
+    ops: Counter[str] = Counter()
+    reads = [0]
+    _count_channel(ops, reads)
     specs = parse_fleets_text(FLEETS, default_maxconn=16)
     server = SlotServer(
         HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
@@ -212,6 +235,8 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         probing = asyncio.create_task(_probes(server, args.probe_every))
     cpu_before = _cpu_seconds()  # the children start up meanwhile: this process idles
     switches_before = _switches()
+    ops.clear()
+    reads[0] = 0
     outputs = await asyncio.wait_for(
         asyncio.gather(*(c.communicate() for c in children)), args.seconds + 30
     )
@@ -237,6 +262,10 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         "coordinator_cpu_us_per_turn": round(coordinator_cpu / turns * 1e6, 1),
         # Its wake-ups (voluntary context switches) a turn: a count, not a time.
         "coordinator_wakeups_per_turn": round(switches / turns, 3),
+        # What it read a turn: its reads of the channels, and the messages by op.
+        "coordinator_reads_per_turn": round(reads[0] / turns, 3),
+        "coordinator_messages_per_turn": round(sum(ops.values()) / turns, 3),
+        "coordinator_ops_per_turn": {op: round(n / turns, 3) for op, n in sorted(ops.items())},
         "dispatcher_in_process": local,
     }
 

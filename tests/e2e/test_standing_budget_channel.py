@@ -119,6 +119,7 @@ async def test_a_worker_that_does_not_say_standing_gets_no_standing_budget() -> 
         lease = await asyncio.wait_for(client.lease(), 1)
         assert fleet.active == 1  # asked: counted before it was granted
         assert fleet.standing == 0 and server.slots.get(key).standing is None
+        assert not client.may_lease_now  # the call path awaits `lease` at once
         lease.release()
     finally:
         client.close()
@@ -369,4 +370,102 @@ async def test_a_budget_grant_read_after_its_fleet_went_down_is_named_to_its_wor
         assert fleet.active == 1  # the host's grant all the same, until it gives it back
     finally:
         theirs.close()
+        await server.close()
+
+
+class _Described:
+    """A call as `SlotClient.lease_now` reads it (`Call.described`)."""
+
+    def __init__(self, n: int) -> None:
+        self.described = {"call_id": f"9-{n}-t", "bot_id": "b", "path": "/ws/b"}
+
+
+async def test_two_workers_granting_at_once_from_their_budgets_never_pass_maxconn() -> None:
+    """`SlotClient.lease_now` grants a call from the standing budget with no
+    loop turn (as the one-process `Dispatcher.lease_now`), and None once the
+    budget has none left: the rest is asked of the supervisor. Two workers
+    doing so, their calls' slots and what the supervisor has reserved for
+    them never pass the fleet's maxconn, and a call past it waits."""
+    server = _server(maxconn=6)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    clients: list[SlotClient] = []
+    leases = []
+    waiting: asyncio.Task | None = None
+    most_granted = most_counted = 0
+
+    def watch() -> None:
+        nonlocal most_granted, most_counted
+        most_granted = max(most_granted, sum(c.held for c in clients))
+        most_counted = max(most_counted, fleet.active + fleet.standing)
+
+    try:
+        for pid in (2001, 2002):
+            key, client = await _standing_client(server, pid)
+            clients.append(client)
+            await eventually(lambda key=key: _taken(server, key))
+        watch()
+        reserved = fleet.standing
+        assert 0 < reserved < 6  # a share kept back for calls asked of the supervisor
+        # Granted at once, in this turn, from each budget, then None.
+        at_once = []
+        for n, client in enumerate(clients * 6):
+            lease = client.lease_now(call=_Described(n))
+            watch()
+            if lease is not None:
+                at_once.append(lease)
+        assert len(at_once) == reserved
+        assert sum(c.budget_granted_total for c in clients) == reserved
+        assert all(c.budget_granted_total for c in clients)  # each from its own
+        leases += at_once
+        # The rest asked of the supervisor: granted up to maxconn, the next waits.
+        for n in range(6 - reserved):
+            leases.append(await asyncio.wait_for(clients[n % 2].lease(), 2))
+            watch()
+        await eventually(lambda: fleet.active == 6)
+        watch()
+        waiting = asyncio.create_task(clients[0].lease())
+        await asyncio.sleep(0.2)
+        watch()
+        assert not waiting.done()  # queued: maxconn holds host-wide
+        assert most_granted <= 6 and most_counted <= 6
+        leases.pop(0).release()
+        leases.append(await asyncio.wait_for(waiting, 2))
+        watch()
+        assert most_granted <= 6 and most_counted <= 6
+        for lease in leases:
+            lease.release()
+        await eventually(lambda: fleet.active == 0)
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+        for client in clients:
+            client.close()
+        await server.close()
+
+
+async def test_no_grant_at_once_while_the_channel_has_unread_bytes_or_the_fleet_is_not_up() -> None:
+    """`lease_now` answers None (the call awaits `lease`, which reads the
+    channel first) while bytes wait unread in the channel (a "budget-end" may
+    be among them), and when this worker's record of the fleet the budget
+    would choose is not UP and READY, its budget left as it was."""
+    server = _server(maxconn=8)
+    key, client = await _standing_client(server, 2003)
+    try:
+        await eventually(lambda: _taken(server, key))
+        assert client._budget is not None and client.may_lease_now
+        slots = client._budget.slots()
+        assert server.send(key, {"op": "tell-held"})  # written now: unread in this turn
+        await eventually(lambda: client._channel_unread())
+        assert client.lease_now() is None
+        await eventually(lambda: not client._channel_unread())
+        record = client._fleet("a", client._budget_specs["a"])
+        record.health = Health.DOWN
+        assert client.lease_now() is None
+        assert client._budget.slots() == slots and client.budget_granted_total == 0
+        record.health = Health.UP
+        lease = client.lease_now()
+        assert lease is not None and lease.fleet is record
+        lease.release()
+    finally:
+        client.close()
         await server.close()

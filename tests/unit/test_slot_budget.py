@@ -86,6 +86,18 @@ def test_a_slot_given_back_is_granted_again_but_only_on_a_budgeted_fleet() -> No
     assert budget.take() == "a"
 
 
+def test_a_slot_taken_and_not_granted_is_left_as_it_was() -> None:
+    """`untake`: the worker's record of the fleet chosen says it takes no call
+    now (`SlotClient.lease_now`): its slot, its count and the total granted
+    are as before the take."""
+    budget = Budget([BudgetFleet("a", 2, 1, most=2), BudgetFleet("b", 1, 4)])
+    assert budget.take() == "a"
+    budget.untake("a")
+    assert budget.slots() == {"a": 2, "b": 1} and budget.granted == 0
+    assert budget.take() == "a"  # still the fewest calls: its count is back to 1
+    assert budget.take() == "a" and budget.take() == "b" and budget.take() is None
+
+
 def test_ties_go_round_robin() -> None:
     budget = Budget([BudgetFleet("a", 5, 0), BudgetFleet("b", 5, 0)])
     taken = [budget.take() for _ in range(4)]

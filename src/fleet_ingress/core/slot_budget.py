@@ -238,6 +238,17 @@ class Budget:
         self.granted += 1
         return chosen.name
 
+    def untake(self, name: str) -> None:
+        """The slot of fleet `name` just taken (`take`) is not granted after
+        all (the worker's record of that fleet says it takes no call now):
+        left as it was before, but for the turn of ties."""
+        for f in self._fleets:
+            if f.name == name:
+                f.left += 1
+                f.active = max(0, f.active - 1)
+                self.granted -= 1
+                return
+
     def take_named(self, name: str) -> bool:
         """A slot of fleet `name` taken from the budget (the supervisor's copy
         of a worker's standing budget, as its "acquire" says the fleet): False

@@ -73,6 +73,19 @@ class SlotSource(Protocol):
         """`call`: who the call is (`Call.described`), for a line if it is lost."""
         ...
 
+    @property
+    def may_lease_now(self) -> bool:
+        """Whether its `lease_now` (where it has one) may hand a slot over now:
+        `net.proxy` asks it only then, else awaits `lease` at once."""
+        ...
+
+
+class DescribedCall(Protocol):
+    """Who a call is, as its slot request says it (`net.calls.Call.described`)."""
+
+    @property
+    def described(self) -> dict[str, Any]: ...
+
 
 class SlotQueue(Protocol):
     """What the health poller, fleet changes, stats and metrics need of whoever
@@ -211,14 +224,20 @@ class Dispatcher:
         grant = await self._acquire(avoid)
         return Lease(self, grant.fleet, grant)
 
-    def lease_now(self, avoid: Collection[str] = ()) -> Lease | None:
+    # Whether `lease_now` is worth asking (`net.proxy`): always in one process.
+    may_lease_now = True
+
+    def lease_now(
+        self, avoid: Collection[str] = (), call: DescribedCall | None = None
+    ) -> Lease | None:
         """The slot `lease` would hand over without waiting (a fleet has room
         and no call waits before this one), taken now: no coroutine, no task
         and no loop turn for the common call (`net.proxy` asks this first).
         None where `lease` must be awaited: it queues the call, or refuses it.
         The pick takes only a READY fleet: the call machine answers a grant
         on one that is not by giving it back and asking again, which taken
-        at once would loop without a turn of the loop between (session 47)."""
+        at once would loop without a turn of the loop between (session 47).
+        `call` is not needed here (as `lease`'s), nor read."""
         if self._queue:  # FIFO: nobody overtakes a waiting call
             return None
         fleet = self.balancer.pick(avoid).fleet

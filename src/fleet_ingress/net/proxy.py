@@ -116,7 +116,7 @@ from fleet_ingress.core.ws_frames import GAVE_UP, FrameTracker, close_frame
 from fleet_ingress.logs import RateLimitedLog, fields, write_event
 from fleet_ingress.net import fleet_sessions
 from fleet_ingress.net.calls import Call, Registry
-from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
+from fleet_ingress.net.dispatch import DescribedCall, HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved, put_off_by
 from fleet_ingress.net.liveness import (
@@ -224,9 +224,12 @@ class ProxyContext:
     # What each call's machine consults (built from the fields above).
     rules: CallRules = field(init=False, repr=False)
     # `slots.lease_now` where the slot source can hand a free slot over at
-    # once (this process's `Dispatcher`), else None: every lease is awaited
-    # (a worker's `SlotClient`, which asks its supervisor).
-    lease_now: Callable[[tuple[str, ...]], HeldSlot | None] | None = field(init=False, repr=False)
+    # once (this process's `Dispatcher`; a worker's `SlotClient` from its
+    # grant budget), else None: every lease is awaited. It answers None when
+    # it cannot (the call queues, or the supervisor is asked): then awaited.
+    lease_now: Callable[[tuple[str, ...], DescribedCall | None], HeldSlot | None] | None = field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         rules = CallRules(
@@ -887,8 +890,9 @@ class CarrierProtocol(_Side):
 
     def _take_slot(self, command: TakeSlot) -> None:
         loop = self._loop or self._running_loop()
-        if self.ctx.lease_now is not None:
-            # The in-process slot table hands a free slot over at once: taken on
+        if self.ctx.lease_now is not None and self.ctx.slots.may_lease_now:
+            # The in-process slot table (or a worker's budget) hands a free slot
+            # over at once: taken on
             # the next turn by a callback, not a task (a task and its three
             # coroutines cost ~20k instructions more a call). The next turn, as
             # the task's first step was: the loop reads the carrier in between,
@@ -903,7 +907,7 @@ class CarrierProtocol(_Side):
         lease_now = self.ctx.lease_now
         assert lease_now is not None
         try:
-            lease = lease_now(avoid)
+            lease = lease_now(avoid, self.call)
         except Exception as exc:
             self._setup_failed(exc)
             return
