@@ -1887,8 +1887,9 @@ async def _writing_a_mib(conn: TLSConnection) -> tuple[Recorder, bytes]:
     return handler, big
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["set-up", "linked"])
 async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_connection(
-    tls_files: TLSFiles,
+    tls_files: TLSFiles, linked: bool
 ) -> None:
     """A fleet's HelloRequest starts a renegotiation inside the client's read;
     until the ServerHello, the fleet's application data may still come, and only
@@ -1897,7 +1898,9 @@ async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_
     violation of protocol", as the TLS audit of session 20 saw): a TLS 1.2
     fleet's renegotiation cut a call streaming both ways (the hostile-TLS audit
     of session 31). Writes are held until the reads have finished the handshake;
-    nothing is lost or reordered."""
+    nothing is lost or reordered. Linked (a call's relay: its reads on the hot
+    path, session 49's read in the callback itself), a held write leaves the
+    hot path until the renegotiation is done and comes back to it after."""
 
     seen = bytearray()
 
@@ -1922,17 +1925,24 @@ async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_
         assert conn.ssl_object.version() == "TLSv1.2"
         handler = Recorder(conn)
         conn.start(handler)
+        if linked:
+            conn.linked()
+        held_seen = False
         sent = bytearray()
         for i in range(60):  # 6 bytes every 5 ms: the carrier's audio, relayed
             if handler.lost:
                 break
             conn.write(b"%06d" % i)
             sent += b"%06d" % i
+            held_seen = held_seen or conn._held
             await asyncio.sleep(0.005)
         conn.write(b"end")
         sent += b"end"
         await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
         assert not handler.lost, handler.exc
+        if linked:  # writes were held, and released: back on the hot path
+            assert held_seen
+            await eventually(lambda: not conn._held and not conn._detour)
         await fleet.ended()
         assert fleet.outcome == {"renegotiated": True}
         assert handler.data == b"f" * 600 + b"after"

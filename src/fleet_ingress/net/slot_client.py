@@ -439,9 +439,14 @@ class SlotClient(asyncio.Protocol):
         None where `lease` must be awaited: no budget, none left in it (the
         supervisor is asked), something unread in the channel (a
         "budget-end" may wait there: `_budget_current` reads it first), or
-        the fleet chosen is not READY and UP by this worker's record (the
-        call machine answers such a grant by giving it back and asking
-        again, which taken at once would loop without a turn between). `call`
+        the fleet chosen is not READY and UP by this worker's record. That
+        last is a guard, not what keeps grants off a fleet gone DOWN,
+        drained or in MAINT: a worker's records stay READY and UP (the
+        supervisor holds health and admin states), and it ends a budget
+        whose fleet leaves service with a "budget-end", read before any
+        grant as above. Should a record say otherwise, the call machine
+        would answer such a grant by giving it back and asking again, which
+        taken at once would loop without a turn between. `call`
         (`net.calls.Call`): who the call is, read only when it is granted."""
         budget = self._budget
         if budget is None or not self.connected or self._read_waiters:
