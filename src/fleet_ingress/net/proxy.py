@@ -891,10 +891,11 @@ class CarrierProtocol(_Side):
     def _take_slot(self, command: TakeSlot) -> None:
         loop = self._loop or self._running_loop()
         if self.ctx.lease_now is not None and self.ctx.slots.may_lease_now:
-            # The in-process slot table (or a worker's budget) hands a free slot
-            # over at once: taken on
-            # the next turn by a callback, not a task (a task and its three
-            # coroutines cost ~20k instructions more a call). The next turn, as
+            # The in-process slot table, or a worker's standing budget, hands a
+            # free slot over at once: taken on the next turn by a callback, not a
+            # task (a task and its three coroutines cost ~20k instructions more a
+            # call; without a budget, `may_lease_now` False, the task at once:
+            # the callback would find nothing). The next turn, as
             # the task's first step was: the loop reads the carrier in between,
             # so one that reset with its head ends before a slot is taken and a
             # fleet connected (tests/e2e/test_dead_poll.py).
