@@ -175,7 +175,7 @@ def test_a_probe_that_timed_out_late_tells_of_a_prober_that_did_not_run():
     assert fleet.health is Health.UP and fleet.check_failures == 0
 
 
-@pytest.mark.alone  # the last first probe within 0.1 s of its window
+@pytest.mark.pair  # the last first probe within 0.1 s of its window
 async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypatch):
     """All probe loops started together probed in the same instant every
     interval, with one shared deadline: at 300 fleets a round of new
