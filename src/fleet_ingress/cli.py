@@ -409,6 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _started() -> None:
+    """This command's start done (its imports, its configuration read): the
+    garbage collector, off since the process started, on again. A worker's
+    comes at serving (`service.worker`)."""
+    from fleet_ingress.service.start_collector import collector_back_on
+
+    collector_back_on()
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config)
@@ -435,6 +444,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return run_live_check(args.config)
         from fleet_ingress.config.check import run_body_check, run_check
 
+        _started()
         if args.body is not None:
             if args.probe:
                 print(
@@ -459,12 +469,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         from fleet_ingress.config.init_deploy import main_init
 
+        _started()
         return main_init(args)
     if args.command in ADMIN_COMMANDS:
         return _admin(args)
     if args.command == "demo":
         from fleet_ingress.demo import run_demo
 
+        _started()
         return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
@@ -606,6 +618,7 @@ def _admin(args: argparse.Namespace) -> int:
             print(f"fleet-ingress: {args.config}: listen.admin_socket is disabled", file=sys.stderr)
             return 2
         socket_path = Path(configured)
+    _started()
     if args.command == "stat":
         return run_admin(socket_path, "GET", "/stat", None, as_json=args.json)
     if args.command == "calls":
@@ -761,7 +774,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.reexec_steps import collector_off_over_exec, step_done
 
     step_done("python started")  # after an upgrade's exec: the interpreter, cli's imports
-    collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
+    over_exec = collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
     import signal
 
     from fleet_ingress.net import event_loop
@@ -794,6 +807,8 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.worker_pool import WorkerStartError
 
     step_done("imports")
+    if not over_exec:
+        _started()
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
         # After an upgrade's re-execution: the previous image's sockets and state.

@@ -44,10 +44,16 @@ def main(words: Sequence[str] | None = None) -> int:
         from fleet_ingress.ops.live_check import run_live_check
 
         return run_live_check(config)
-    from fleet_ingress.service.process_start import first_steps
+    from fleet_ingress.service.start_collector import collector_back_on, start_without_collector
 
-    first_steps(words[0] if words else "")  # before the CLI's imports, on purpose
+    start_without_collector()  # on again once the command's start is done
+    try:
+        from fleet_ingress.service.process_start import first_steps
 
-    from fleet_ingress.cli import main as cli_main
+        first_steps(words[0] if words else "")  # before the CLI's imports, on purpose
 
-    return cli_main(words)
+        from fleet_ingress.cli import main as cli_main
+
+        return cli_main(words)
+    finally:
+        collector_back_on()  # a command that ended before (a refused one, --help)
