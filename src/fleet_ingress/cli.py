@@ -418,18 +418,24 @@ def _started() -> None:
     collector_back_on()
 
 
+def run_worker_command(config_path: Path, generation: int, cpu: int | None) -> int:
+    """`worker -c CONFIG --generation N [--cpu C]`: also called by `entry.main`
+    with the words the supervisor writes, read without this module's parser."""
+    from fleet_ingress.service.worker import run_worker
+
+    config = _worker_config(config_path)
+    if config is not None:
+        _raise_descriptor_limit(
+            config.limits.max_connections, acme=bool(config.listen.acme), warn=False
+        )
+    return run_worker(config_path, generation, cpu=cpu)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "worker":
-        from fleet_ingress.service.worker import run_worker
-
-        config = _worker_config(args.config)
-        if config is not None:
-            _raise_descriptor_limit(
-                config.limits.max_connections, acme=bool(config.listen.acme), warn=False
-            )
-        return run_worker(args.config, args.generation, cpu=args.cpu)
+        return run_worker_command(args.config, args.generation, args.cpu)
     if args.command == "check":
         if args.live:
             if args.probe or args.body is not None or args.config is None:
