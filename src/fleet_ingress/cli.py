@@ -409,18 +409,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _started() -> None:
+    """This command's start done (its imports, its configuration read): the
+    garbage collector, off since the process started, on again. A worker's
+    comes at serving (`service.worker`)."""
+    from fleet_ingress.service.start_collector import collector_back_on
+
+    collector_back_on()
+
+
+def run_worker_command(config_path: Path, generation: int, cpu: int | None) -> int:
+    """`worker -c CONFIG --generation N [--cpu C]`: also called by `entry.main`
+    with the words the supervisor writes, read without this module's parser."""
+    from fleet_ingress.service.worker import run_worker
+
+    config = _worker_config(config_path)
+    if config is not None:
+        _raise_descriptor_limit(
+            config.limits.max_connections, acme=bool(config.listen.acme), warn=False
+        )
+    return run_worker(config_path, generation, cpu=cpu)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "worker":
-        from fleet_ingress.service.worker import run_worker
-
-        config = _worker_config(args.config)
-        if config is not None:
-            _raise_descriptor_limit(
-                config.limits.max_connections, acme=bool(config.listen.acme), warn=False
-            )
-        return run_worker(args.config, args.generation, cpu=args.cpu)
+        return run_worker_command(args.config, args.generation, args.cpu)
     if args.command == "check":
         if args.live:
             if args.probe or args.body is not None or args.config is None:
@@ -435,6 +450,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return run_live_check(args.config)
         from fleet_ingress.config.check import run_body_check, run_check
 
+        _started()
         if args.body is not None:
             if args.probe:
                 print(
@@ -459,12 +475,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         from fleet_ingress.config.init_deploy import main_init
 
+        _started()
         return main_init(args)
     if args.command in ADMIN_COMMANDS:
         return _admin(args)
     if args.command == "demo":
         from fleet_ingress.demo import run_demo
 
+        _started()
         return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
@@ -606,6 +624,7 @@ def _admin(args: argparse.Namespace) -> int:
             print(f"fleet-ingress: {args.config}: listen.admin_socket is disabled", file=sys.stderr)
             return 2
         socket_path = Path(configured)
+    _started()
     if args.command == "stat":
         return run_admin(socket_path, "GET", "/stat", None, as_json=args.json)
     if args.command == "calls":
@@ -761,7 +780,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.reexec_steps import collector_off_over_exec, step_done
 
     step_done("python started")  # after an upgrade's exec: the interpreter, cli's imports
-    collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
+    over_exec = collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
     import signal
 
     from fleet_ingress.net import event_loop
@@ -794,6 +813,8 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.worker_pool import WorkerStartError
 
     step_done("imports")
+    if not over_exec:
+        _started()
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
         # After an upgrade's re-execution: the previous image's sockets and state.

@@ -1,6 +1,7 @@
 """The `fleet-ingress` console script: keepalived's track script,
 `fleet-ingress check -c CONFIG --live`, each second on each host of a pair,
-without the CLI's imports; every other command goes to `cli.main` as it is.
+without the CLI's imports; a worker's words as the supervisor writes them
+without the CLI's parser; every other command goes to `cli.main` as it is.
 
 Only the words `init --vip` writes are taken here (`check`, `-c`/`--config`
 with the path, `--live`, in any order after `check`): anything else, help
@@ -36,6 +37,26 @@ def live_config(words: Sequence[str]) -> str | None:
     return config if live else None
 
 
+def worker_words(words: Sequence[str]) -> tuple[str, int, int | None] | None:
+    """The config path, generation and CPU of `worker -c CONFIG --generation N
+    [--cpu C]` as the supervisor writes them (`service.worker_pool`); None for
+    any other words, which the CLI reads (and answers the same, after building
+    its parser of every command: 8 ms of each worker's start). Pure."""
+    if len(words) not in (5, 7) or list(words[:2]) != ["worker", "-c"]:
+        return None
+    if words[3] != "--generation" or (len(words) == 7 and words[5] != "--cpu"):
+        return None
+    config = words[2]
+    if not config or config.startswith("-"):
+        return None  # as argparse takes it, or refuses it: the CLI's to say
+    try:
+        generation = int(words[4])
+        cpu = int(words[6]) if len(words) == 7 else None
+    except ValueError:
+        return None
+    return config, generation, cpu
+
+
 def main(words: Sequence[str] | None = None) -> int:
     """The console script's (`fleet-ingress`) and `python -m fleet_ingress`'s."""
     words = sys.argv[1:] if words is None else list(words)
@@ -44,10 +65,23 @@ def main(words: Sequence[str] | None = None) -> int:
         from fleet_ingress.ops.live_check import run_live_check
 
         return run_live_check(config)
-    from fleet_ingress.service.process_start import first_steps
+    from fleet_ingress.service.start_collector import collector_back_on, start_without_collector
 
-    first_steps(words[0] if words else "")  # before the CLI's imports, on purpose
+    start_without_collector()  # on again once the command's start is done
+    try:
+        from fleet_ingress.service.process_start import first_steps
 
-    from fleet_ingress.cli import main as cli_main
+        first_steps(words[0] if words else "")  # before the CLI's imports, on purpose
 
-    return cli_main(words)
+        if (worker := worker_words(words)) is not None:
+            from pathlib import Path
+
+            from fleet_ingress.cli import run_worker_command
+
+            return run_worker_command(Path(worker[0]), worker[1], worker[2])
+
+        from fleet_ingress.cli import main as cli_main
+
+        return cli_main(words)
+    finally:
+        collector_back_on()  # a command that ended before (a refused one, --help)

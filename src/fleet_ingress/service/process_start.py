@@ -8,7 +8,6 @@ runs and which never runs `__main__`); once a process.
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -73,6 +72,8 @@ _PR_SET_NAME = 15
 
 
 def _name_process(name: bytes) -> None:
+    import ctypes  # the supervisor's alone: every other command starts without it
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)

@@ -121,6 +121,7 @@ from fleet_ingress.service.lifecycle import (
     trim_heap,
 )
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
+from fleet_ingress.service.start_collector import collector_back_on
 from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
 
 log = logging.getLogger("fleet_ingress.worker")
@@ -364,6 +365,7 @@ class Worker:
         self.client.send({"op": "serving"})
         gc.collect()
         gc.freeze()
+        collector_back_on()  # off since the process started (`start_collector`)
         trim = loop.create_task(trim_heap())
         lost = asyncio.ensure_future(self.client.lost)
         stopping = asyncio.ensure_future(self.stop.wait())
