@@ -270,10 +270,12 @@ class CarrierListener:
                 self._look_timer.cancel()
                 self._look_timer = None
             return
-        if self._look_timer is None and self._loop is not None:
-            self._look_timer = self._loop.call_at(
-                next_tick(self._loop.time(), ACCEPT_LOOK), self._look
-            )
+        loop = self._loop
+        if self._look_timer is None and loop is not None:
+            if self.order.confirming:  # connections seen waiting: soon, off the tick
+                self._look_timer = loop.call_later(self.order.next_look, self._look)
+            else:
+                self._look_timer = loop.call_at(next_tick(loop.time(), ACCEPT_LOOK), self._look)
 
     def _look(self) -> None:
         self._look_timer = None
@@ -333,7 +335,9 @@ class CarrierListener:
             time.monotonic(), registry.new_connection_cpu.spent, len(registry.calls)
         )
         registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
-        return pause
+        # process.accept = "first": behind on its own handshakes, it leaves the
+        # queue to the other workers (`AcceptOrder.pause_when_busy`).
+        return max(pause, self.order.pause_when_busy(len(ctx.heads)))
 
     def _accepted(self, conn: socket.socket, peername: tuple[str, int]) -> None:
         ctx = self.context()

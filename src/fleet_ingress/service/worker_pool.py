@@ -338,7 +338,7 @@ class WorkerPool:
             for w in self.workers.values()
             if w.generation == generation and w.rank is not None and not w.replaced
         } | {rank for g, rank in self._ranks_starting if g == generation}
-        return next(rank for rank in range(len(taken) + 1) if rank not in taken)
+        return pick_rank(taken)
 
     async def wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
         """Every worker has joined and accepts carriers, and is still there
@@ -1041,6 +1041,13 @@ def pick_cpu(allowed: Sequence[int], taken: Iterable[int]) -> int:
     for nothing."""
     load = Counter(cpu for cpu in taken if cpu in allowed)
     return min(allowed, key=lambda cpu: load[cpu])
+
+
+def pick_rank(taken: Iterable[int]) -> int:
+    """The least rank (0, 1, ...) not in `taken`, the ranks of a generation's
+    live workers: a replacement takes the rank of the worker it replaces."""
+    held = set(taken)
+    return next(rank for rank in range(len(held) + 1) if rank not in held)
 
 
 def respawn_delay(quick_deaths: int) -> float:
