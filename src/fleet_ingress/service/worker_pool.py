@@ -843,6 +843,7 @@ class WorkerPool:
                 pid=worker.pid,
                 generation=generation,
                 **({} if worker.cpu is None else {"cpu": worker.cpu}),
+                rank=worker.rank,  # process.accept: the rank of the worker it replaces
             ),
         )
         # Apart from this task, which counts as a replacement not started yet
