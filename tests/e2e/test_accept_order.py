@@ -23,6 +23,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    admin_command,
     close_calls,
     echo,
     fleets_up_or_finished,
@@ -81,6 +82,26 @@ async def test_first_has_one_worker_take_calls_opened_one_after_another(
     service = await _start(tls_files, two_fleets, "first")
     calls: list[ClientConnection] = []
     try:
+        await _one_after_another(service, tls_files, 10, calls)
+        by_worker = await _calls_by_worker(service, 10)
+        assert sorted(by_worker.values()) == [0, 10], by_worker
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+async def test_a_reload_to_first_applies_at_once(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """No upgrade: the workers serving take connections in rank order from the
+    reload on, and the reload says it applied the change."""
+    service = await _start(tls_files, two_fleets, "spread")
+    calls: list[ClientConnection] = []
+    try:
+        toml = service.home / "ingress.toml"
+        toml.write_text(toml.read_text().replace('accept = "spread"', 'accept = "first"'))
+        code, printed = await admin_command(service, "reload")
+        assert code == 0 and "applied: process.accept spread -> first" in printed, printed
         await _one_after_another(service, tls_files, 10, calls)
         by_worker = await _calls_by_worker(service, 10)
         assert sorted(by_worker.values()) == [0, 10], by_worker
