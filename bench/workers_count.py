@@ -250,7 +250,12 @@ def one_run(tool: str, workers: int, out: Path, a: argparse.Namespace) -> dict:
     with Launched(work, variant_env(a.variant_pythonpath)) as launched:
         fleet_port = launched.fleet("fleet-a")
         port = free_port()
-        settings = Settings(maxconn=1000, ingress_workers=workers, check_interval=a.check_interval)
+        settings = Settings(
+            maxconn=1000,
+            ingress_workers=workers,
+            check_interval=a.check_interval,
+            ingress_accept=a.accept,
+        )
         config = render_ingress(settings, tls, port, [fleet_port], work)
         argv = [sys.executable, "-c", RUN_INGRESS, "-c", str(config)]
         if tool == "callgrind":
@@ -370,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", type=float, default=10.0, help="seconds the held calls are silent")
     p.add_argument("--stream", type=float, default=10.0, help="seconds the held calls stream")
     p.add_argument("--check-interval", type=float, default=1.0, help="fleets.check_interval")
+    p.add_argument(
+        "--accept",
+        choices=("spread", "first"),
+        default="spread",
+        help='process.accept: "first" has the workers take connections in rank order',
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--variant-pythonpath", help="src of the code to count (default: this tree)")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")

@@ -137,6 +137,7 @@ class Settings:
     # like for like with nbthread 1; "auto" is the product's default (one per CPU).
     ingress_workers: int | str = 1
     ingress_pinned: bool = False  # [process] cpu_affinity = "auto"
+    ingress_accept: str = "spread"  # [process] accept: "first" takes connections in rank order
     haproxy_pinned: bool = False  # cpu-map: thread N on the Nth CPU
     haproxy_extra: tuple[str, ...] = ()  # lines added to ``defaults`` (experiments only)
 
@@ -210,6 +211,7 @@ max_connections = {s.max_connections}
 [process]
 workers = {q(s.ingress_workers) if isinstance(s.ingress_workers, str) else s.ingress_workers}
 {'cpu_affinity = "auto"' if s.ingress_pinned else ""}
+{f"accept = {q(s.ingress_accept)}" if s.ingress_accept != "spread" else ""}
 
 [log]
 level = "warning"

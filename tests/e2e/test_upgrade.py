@@ -3437,7 +3437,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
     # A start that never ends: its process there (say), its channel never served.
     never = asyncio.Event()
 
-    async def start_worker(generation: int, *, candidate: bool, cpu: int | None) -> Any:
+    async def start_worker(generation: int, *, candidate: bool, cpu: int | None, rank: int) -> Any:
         await never.wait()
 
     monkeypatch.setattr(supervisor.pool, "_start_worker", start_worker)

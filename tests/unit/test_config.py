@@ -89,7 +89,12 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},
-        "process": {"workers": "auto", "cpu_affinity": "off", "worker_hang_timeout": 60.0},
+        "process": {
+            "workers": "auto",
+            "cpu_affinity": "off",
+            "accept": "spread",
+            "worker_hang_timeout": 60.0,
+        },
     }
 
 

@@ -25,6 +25,12 @@ def test_listeners_and_process_settings_are_left_to_their_own_notes():
     assert settings_changed(before, after) is None
 
 
+def test_process_accept_is_said_applied_as_a_reload_applies_it_at_once():
+    before = config()
+    after = config(process={"accept": "first", "workers": 3})
+    assert settings_changed(before, after) == "process.accept spread -> first"
+
+
 def test_a_long_value_is_cut():
     after = config(routes={"proxy": ["/ws/", "/exotel/", *(f"/r{i}/" for i in range(30))]})
     said = settings_changed(config(), after)

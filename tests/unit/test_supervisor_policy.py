@@ -16,7 +16,12 @@ import pytest
 from fleet_ingress.logs import _FIELDS
 from fleet_ingress.service.worker import _pin_to, _say_pinned
 from fleet_ingress.service.worker_exits import exit_status
-from fleet_ingress.service.worker_pool import RESPAWN_DELAY_MAX, pick_cpu, respawn_delay
+from fleet_ingress.service.worker_pool import (
+    RESPAWN_DELAY_MAX,
+    pick_cpu,
+    pick_rank,
+    respawn_delay,
+)
 
 
 @pytest.mark.parametrize(
@@ -243,3 +248,18 @@ async def test_the_ready_line_reads_the_configuration_file_off_the_loop(
     (record,) = [r for r in caplog.records if r.getMessage() == "ready"]
     (line,) = getattr(record, _FIELDS)["environment"]
     assert line.startswith("timeouts.queue = '7' from environment variable") and "file's 3" in line
+
+
+@pytest.mark.parametrize(
+    ("taken", "rank"),
+    [
+        ([], 0),  # the first worker of a generation
+        ([0], 1),
+        ([0, 1, 2], 3),
+        ([1, 2], 0),  # rank 0 died: its replacement takes rank 0 (process.accept)
+        ([0, 2], 1),
+        ([0, 0, 1], 2),  # a rank held twice (an exec's carried one): the next free
+    ],
+)
+def test_a_new_worker_takes_the_least_rank_its_generation_does_not_hold(taken, rank):
+    assert pick_rank(taken) == rank

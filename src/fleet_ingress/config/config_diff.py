@@ -19,6 +19,8 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 
 # Said by notes of their own: applied at a restart or an upgrade, not by a reload.
 NOT_RELOADED = ("listen", "process")
+# ...but for these, which a reload applies (each worker at once).
+RELOADED_ANYWAY = ("process.accept",)
 # A reload that found nothing to change says so, and what it compared: before,
 # "no fleet changes" read as if only the fleets had been looked at, or as if
 # something else had changed (the operator text audit of session 33).
@@ -37,7 +39,8 @@ def settings_changed(old: IngressConfig, new: IngressConfig) -> str | None:
     changed = [
         f"{key} {_shown(before.get(key))} -> {_shown(after.get(key))}"
         for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key) and key.split(".")[0] not in NOT_RELOADED
+        if before.get(key) != after.get(key)
+        and (key.split(".")[0] not in NOT_RELOADED or key in RELOADED_ANYWAY)
     ]
     return ", ".join(changed) if changed else None
 

@@ -415,6 +415,11 @@ class ProcessSection(_Section):
     # worker_cpu_affinity do; "off": where the kernel puts it. Measured on 2 CPUs
     # with 2 workers: 8 % less CPU per relayed message pinned (bench/README).
     cpu_affinity: Literal["off", "auto"] = "off"
+    # "spread": every worker takes new connections as its loop is free. "first":
+    # in rank order: the first worker takes them while it keeps up, the others
+    # each look at the accept queue every 50 ms and take them while any wait
+    # (core.accept_order). A reload applies it at once.
+    accept: Literal["spread", "first"] = "spread"
     # A worker that answers none of the supervisor's report requests for this
     # long (its event loop stuck: every call it carries frozen) is killed and
     # replaced, as one that died; shown "unresponsive" once one is 2 s unanswered.

@@ -7,7 +7,8 @@ retry, where the loop's own accept path is silent (uvloop) or logs free text;
 (3) see every failed TLS handshake; (4) count what new connections cost and
 pace accepts when they cost too much while calls are live
 (`core.accept_pacing`): a flood waits in the backlog rather than taking the
-CPU the calls' frames need.
+CPU the calls' frames need; (5) take connections only while they wait, as a
+worker of rank > 0 under process.accept = "first" does (`core.accept_order`).
 Each accepted socket's TLS runs on a socket BIO (`net.tls_socket`): OpenSSL
 reads and writes the socket itself, so a refused client gets its alert
 (protocol_version, handshake_failure) rather than a bare close.
@@ -28,10 +29,11 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+from fleet_ingress.core.accept_order import ACCEPT_LOOK, AcceptMode, AcceptOrder
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.logs import fields
-from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.event_loop import count_unexpected_error, next_tick
 from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, HandshakeTimeout, TLSConnection, wrap_accepted
@@ -62,6 +64,25 @@ ACCEPT_RETRY_FIRST = 0.05
 ACCEPT_RETRY_MAX = 1.0
 # One warning per kind per this many seconds: a flood must not flood the log too.
 WARN_EVERY = 5.0
+# struct tcp_info of a LISTEN socket (Linux, net/ipv4/tcp.c tcp_get_info): its
+# accept queue's length in tcpi_unacked, its backlog in tcpi_sacked (u32 each).
+_TCPI_UNACKED = 24
+_ACCEPT_QUEUE_READ = _TCPI_UNACKED + 8
+_TCP_INFO: Any = getattr(socket, "TCP_INFO", None)
+
+
+def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """A listening socket's accept queue: (connections waiting to be accepted,
+    the backlog), from its TCP_INFO; None where it cannot be read (not Linux,
+    not TCP, closed)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _ACCEPT_QUEUE_READ)
+    except (OSError, TypeError):
+        return None
+    if len(info) < _ACCEPT_QUEUE_READ:
+        return None
+    waiting, backlog = struct.unpack_from("=II", info, _TCPI_UNACKED)
+    return waiting, backlog
 
 
 def connections_within(descriptors: int, configured: int, *, acme_connections: int) -> int:
@@ -183,7 +204,11 @@ class CarrierListener:
         sock: socket.socket,
         context: Callable[[], ProxyContext],
         server_ssl: Callable[[], ssl.SSLContext],
+        *,
+        order: AcceptOrder | None = None,
     ) -> None:
+        """`order`: this worker's rank and process.accept (None: it takes
+        connections as its loop is free, rank 0)."""
         self.sock = sock
         self.context = context  # read per connection: a reload swaps it
         self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
@@ -199,6 +224,8 @@ class CarrierListener:
         self._retry_in = ACCEPT_RETRY_FIRST
         self._warned_at: dict[str, float] = {}
         self._pacer = AcceptPacer(share=1.0)
+        self.order = order or AcceptOrder()
+        self._look_timer: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -222,12 +249,50 @@ class CarrierListener:
             per_wake=1,
             on_error=self._accept_failed,
             pace=self._pace,
+            reading=self.order.reading,
         )
+        self._look_next()
+
+    def set_accept(self, mode: AcceptMode) -> None:
+        """process.accept as a reload sets it: applied at once."""
+        acceptor = self._acceptor
+        if acceptor is None or mode == self.order.mode:
+            return
+        acceptor.read(self.order.set_mode(mode, acceptor.accepted))
+        self._look_next()
+
+    def _look_next(self) -> None:
+        """The next look at the accept queue, on the loop clock's next
+        ACCEPT_LOOK tick (one wake-up with the worker's other timers due
+        then), while this worker reads only when connections wait."""
+        if not self.order.looks:
+            if self._look_timer is not None:
+                self._look_timer.cancel()
+                self._look_timer = None
+            return
+        loop = self._loop
+        if self._look_timer is None and loop is not None:
+            if self.order.confirming:  # connections seen waiting: soon, off the tick
+                self._look_timer = loop.call_later(self.order.next_look, self._look)
+            else:
+                self._look_timer = loop.call_at(next_tick(loop.time(), ACCEPT_LOOK), self._look)
+
+    def _look(self) -> None:
+        self._look_timer = None
+        acceptor = self._acceptor
+        if acceptor is None or acceptor.closed:
+            return
+        queue = accept_queue(self.sock)
+        acceptor.read(self.order.look(None if queue is None else queue[0], acceptor.accepted))
+        self._look_next()
 
     def close(self, *, keep_handshakes: bool = False) -> None:
         """Stop accepting: new connections are refused by the kernel at once.
         Handshakes under way are cut, unless `keep_handshakes` (an old
         generation after an upgrade: they finish and become calls here)."""
+        if self._look_timer is not None:  # an old generation stops looking too
+            self._look_timer.cancel()
+            self._look_timer = None
         if self._acceptor is not None:
             self._acceptor.close()
         else:
@@ -270,7 +335,9 @@ class CarrierListener:
             time.monotonic(), registry.new_connection_cpu.spent, len(registry.calls)
         )
         registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
-        return pause
+        # process.accept = "first": behind on its own handshakes, it leaves the
+        # queue to the other workers (`AcceptOrder.pause_when_busy`).
+        return max(pause, self.order.pause_when_busy(len(ctx.heads)))
 
     def _accepted(self, conn: socket.socket, peername: tuple[str, int]) -> None:
         ctx = self.context()

@@ -1858,6 +1858,9 @@ class Acceptor:
     ``with_address``: ``on_accept(sock, address)``, the peer's address as the
     accept answered it (without it, whoever needs the address asks the socket
     again: a system call a connection).
+    ``reading``: whether its reader is on from the start; `read` turns it on
+    and off (process.accept = "first": a worker that takes connections only
+    while they wait, `core.accept_order`). `accepted` counts what it took.
     """
 
     MAX_ACCEPTS_PER_WAKE = 64
@@ -1876,6 +1879,7 @@ class Acceptor:
         per_wake: int | None = None,
         on_error: Callable[[OSError], float] | None = None,
         pace: Callable[[], float] | None = None,
+        reading: bool = True,
     ) -> None:
         listener.setblocking(False)
         self._loop = loop
@@ -1891,7 +1895,27 @@ class Acceptor:
         self._on_error = on_error or self._pause_for
         self._pace = pace
         self._retry: asyncio.TimerHandle | None = None
-        loop.add_reader(self._fd, self._accept)
+        self._reading = reading
+        self.accepted = 0  # connections taken in all
+        if reading:
+            loop.add_reader(self._fd, self._accept)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def read(self, on: bool) -> None:
+        """Turn its reader on or off (idempotent). Off, no connection is taken
+        until it is on again; a pause under way ends into whichever it is."""
+        if on == self._reading or self._fd < 0:
+            return
+        self._reading = on
+        if self._retry is not None:
+            return  # `_resume` adds the reader if on by then
+        if on:
+            self._loop.add_reader(self._fd, self._accept)
+        else:
+            self._loop.remove_reader(self._fd)
 
     def _pause_for(self, exc: OSError) -> float:
         return self.RETRY_DELAY if exc.errno in self._RESOURCE_ERRORS else 0.0
@@ -1912,6 +1936,7 @@ class Acceptor:
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             sock = socket.socket(self._family, self._type, self._proto, fileno=fd)
+            self.accepted += 1
             if self._with_address:
                 self._on_accept(sock, address)
             else:
@@ -1922,14 +1947,15 @@ class Acceptor:
     def _pause(self, seconds: float) -> bool:
         """Stop accepting for `seconds` (if above 0 and still open); True if paused."""
         if seconds > 0 and self._fd >= 0 and self._retry is None:
-            self._loop.remove_reader(self._fd)
+            if self._reading:
+                self._loop.remove_reader(self._fd)
             self._retry = self._loop.call_later(seconds, self._resume)
             return True
         return False
 
     def _resume(self) -> None:
         self._retry = None
-        if self._fd >= 0:
+        if self._fd >= 0 and self._reading:
             self._loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
@@ -1937,7 +1963,7 @@ class Acceptor:
             if self._retry is not None:
                 self._retry.cancel()
                 self._retry = None
-            else:
+            elif self._reading:
                 self._loop.remove_reader(self._fd)
             self._fd = -1
             self._listener.close()

@@ -642,7 +642,16 @@ def _lost_channels_running(
 # What the dead process knew of a worker that holds for the next: not how its
 # channel or process ended there (its channel came back: it runs, and is no
 # child of the next), nor what it said of its calls (not in the snapshot).
-_WORKER_KEPT = ("started_at", "retiring", "retire_by", "drain_told", "held", "budget", "cpu")
+_WORKER_KEPT = (
+    "started_at",
+    "retiring",
+    "retire_by",
+    "drain_told",
+    "held",
+    "budget",
+    "cpu",
+    "rank",
+)
 
 
 def _as_taken_up(known: Mapping[str, Any]) -> dict[str, Any]:

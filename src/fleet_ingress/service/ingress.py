@@ -24,6 +24,7 @@ from fleet_ingress.config.fleets_file import (
     same_host_warnings,
 )
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
+from fleet_ingress.core.accept_order import AcceptOrder
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.call_list import (
@@ -140,6 +141,7 @@ class Ingress:
         sockets: Mapping[str, socket.socket] | None = None,
         pem: CarrierPem | None = None,
         ticket_keys: bytes | None = None,
+        accept_rank: int = 0,
     ) -> None:
         """`health_checks=False` counts every fleet as UP and probes none
         (tests of the call path alone; never what `run` does). `sockets`:
@@ -148,8 +150,10 @@ class Ingress:
         key to serve, read from tls.cert and tls.key already (a worker's: the
         ones the supervisor serves), not the files. `ticket_keys`: the keys
         its session tickets are sealed with (a worker's: the supervisor's, the
-        same in every worker); None: OpenSSL's own."""
+        same in every worker); None: OpenSSL's own. `accept_rank`: a worker's
+        rank in its generation, for process.accept (`core.accept_order`)."""
         self.worker = leases is not None
+        self.accept_rank = accept_rank
         if self.worker:
             health_checks = False  # the supervisor probes, once for the host
         self.leases: SlotSource | None = leases
@@ -363,7 +367,10 @@ class Ingress:
         listen = self.config.listen
         loop = asyncio.get_running_loop()
         self._wss = CarrierListener(
-            self._listener("wss", listen.wss), lambda: self.ctx, lambda: self.server_ssl
+            self._listener("wss", listen.wss),
+            lambda: self.ctx,
+            lambda: self.server_ssl,
+            order=AcceptOrder(self.accept_rank, self.config.process.accept),
         )
         self._wss.start()
         if not self.worker:  # the supervisor says where it listens, once
@@ -635,6 +642,8 @@ class Ingress:
             notes += warn_same_host(specs)  # said at each reload, as check says it
         if self.poller is not None:
             await self.poller.reconfigure(fleet_ssl, probe_settings(config))
+        if self._wss is not None:
+            self._wss.set_accept(config.process.accept)  # at once, as its note says
         self.dispatcher.wake()
         self.reloads["applied"] += 1
         # A renewal is what usually brings a new chain; judged off the loop (reading the

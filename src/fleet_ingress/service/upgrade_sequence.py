@@ -844,6 +844,8 @@ class UpgradeSequence:
                     else supervisor.server.not_counted_yet(w.key)[1],
                     # process.cpu_affinity: a replacement started later takes another CPU.
                     "cpu": w.cpu,
+                    # process.accept: a replacement started later takes another rank.
+                    "rank": w.rank,
                     # Its call table's fd, kept open over the exec (`_reexec`): a
                     # worker of this generation dying after it still has its
                     # lost calls' lines. Not in a crash snapshot: an fd number
@@ -1012,6 +1014,7 @@ class UpgradeSequence:
                 retiring=bool(carried.get("retiring", False)),
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
+                rank=rank if isinstance(rank := carried.get("rank"), int) else None,
             )
             worker.calls_at_leave = _calls_from_json(carried.get("calls_at_leave"))
             worker.call_table_fd = self._carried_table(carried)

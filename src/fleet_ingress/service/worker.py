@@ -123,6 +123,7 @@ from fleet_ingress.service.lifecycle import (
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.start_collector import collector_back_on
 from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
+from fleet_ingress.service.worker_process import WORKER_RANK_ENV
 
 log = logging.getLogger("fleet_ingress.worker")
 
@@ -159,11 +160,18 @@ class Worker:
         listeners: dict[str, socket.socket],
         pem: CarrierPem | None = None,
         ticket_keys: bytes | None = None,
+        rank: int = 0,
     ) -> None:
         self.config_path = config_path
         self.client = client
         self.ingress = Ingress(
-            config, [], leases=client, sockets=listeners, pem=pem, ticket_keys=ticket_keys
+            config,
+            [],
+            leases=client,
+            sockets=listeners,
+            pem=pem,
+            ticket_keys=ticket_keys,
+            accept_rank=rank,
         )
         self.stop = asyncio.Event()
         self.keep_pending = False  # an upgrade's stop: keep what was accepted
@@ -420,6 +428,7 @@ async def serve(
     generation: int,
     pem: CarrierPem | None = None,
     ticket_keys: bytes | None = None,
+    rank: int = 0,
 ) -> None:
     client = await SlotClient.connect(
         sock=channel,
@@ -430,7 +439,7 @@ async def serve(
     )
     client.tag = process_tag()
     client.table = call_table_from_env()
-    worker = Worker(config, config_path, client, listeners, pem, ticket_keys)
+    worker = Worker(config, config_path, client, listeners, pem, ticket_keys, rank)
     # Only now: the supervisor may say `stop` as soon as it reads our hello,
     # and an op with no handler yet would be ignored (an unknown op).
     client.say_hello()
@@ -491,7 +500,9 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
     try:
-        event_loop.run(serve(config, config_path, socks, channel, generation, pem, ticket_keys))
+        event_loop.run(
+            serve(config, config_path, socks, channel, generation, pem, ticket_keys, _rank())
+        )
     except (TLSSetupError, ValueError, OSError) as exc:
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2
@@ -525,6 +536,15 @@ def _prefer_for_oom_kill() -> None:
 say_if_task_failed = failed_task_callback(
     "worker task failed: a bug, report it", lambda _task: count_unexpected_error(), log
 )
+
+
+def _rank() -> int:
+    """This worker's rank in its generation, as the supervisor set it
+    (WORKER_RANK_ENV; 0 if none: a supervisor of an older release)."""
+    try:
+        return max(0, int(os.environ.get(WORKER_RANK_ENV, "0")))
+    except ValueError:
+        return 0
 
 
 def _pin_to(cpu: int) -> str | None:

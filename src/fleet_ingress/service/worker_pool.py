@@ -64,7 +64,11 @@ from fleet_ingress.service.worker_exits import (
     lived_s,
     restart_reason,
 )
-from fleet_ingress.service.worker_process import WORKER_START_TIMEOUT, WorkerProcess
+from fleet_ingress.service.worker_process import (
+    WORKER_RANK_ENV,
+    WORKER_START_TIMEOUT,
+    WorkerProcess,
+)
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 # Where the workers write each call's line: a call lost with its worker gets its line here.
@@ -188,6 +192,8 @@ class WorkerPool:
         self._spawns = 0
         # (generation, CPU) of the workers being started (process.cpu_affinity).
         self._cpus_starting: list[tuple[int, int]] = []
+        # (generation, rank) of the workers being started (process.accept).
+        self._ranks_starting: list[tuple[int, int]] = []
         self._no_spawns = asyncio.Event()
         self._no_spawns.set()
         # Cleared while a new generation starts: replacements wait, then start
@@ -212,11 +218,14 @@ class WorkerPool:
         cpu = self._cpu_for(generation)
         if cpu is not None:
             self._cpus_starting.append((generation, cpu))
+        rank = self._rank_for(generation)
+        self._ranks_starting.append((generation, rank))
         try:
-            return await self._start_worker(generation, candidate=candidate, cpu=cpu)
+            return await self._start_worker(generation, candidate=candidate, cpu=cpu, rank=rank)
         finally:
             if cpu is not None:
                 self._cpus_starting.remove((generation, cpu))
+            self._ranks_starting.remove((generation, rank))
             self._spawns -= 1
             if not self._spawns:
                 self._no_spawns.set()
@@ -235,7 +244,7 @@ class WorkerPool:
         return not self._spawns
 
     async def _start_worker(
-        self, generation: int, *, candidate: bool, cpu: int | None
+        self, generation: int, *, candidate: bool, cpu: int | None, rank: int
     ) -> WorkerProcess:
         rounds = self.reload_rounds.begun  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -252,6 +261,7 @@ class WorkerPool:
         # of its messages came). Ours: closed once its death is read.
         table_fd = make_table()
         env[CALL_TABLE_ENV] = str(table_fd)
+        env[WORKER_RANK_ENV] = str(rank)
         try:
             # Nor the certificate files, which may hold one a reload refused, a
             # renewal half written, a key not of the certificate, nothing: a worker
@@ -297,7 +307,7 @@ class WorkerPool:
                 proc.kill()
             self._keep(proc.wait())
             raise
-        worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
+        worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu, rank=rank)
         worker.call_table_fd = table_fd
         self.add_worker(worker)
         self.supervisor.store_fd(channel_key(proc.pid, generation), ours)
@@ -318,6 +328,17 @@ class WorkerPool:
             if w.generation == generation and w.cpu is not None and not w.replaced
         ] + [cpu for g, cpu in self._cpus_starting if g == generation]
         return pick_cpu(sorted(os.sched_getaffinity(0)), taken)
+
+    def _rank_for(self, generation: int) -> int:
+        """The rank of a new worker of `generation` (process.accept): the
+        least not held by its live workers (a replacement takes the rank of
+        the one it replaces) nor by one being started."""
+        taken = {
+            w.rank
+            for w in self.workers.values()
+            if w.generation == generation and w.rank is not None and not w.replaced
+        } | {rank for g, rank in self._ranks_starting if g == generation}
+        return pick_rank(taken)
 
     async def wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
         """Every worker has joined and accepts carriers, and is still there
@@ -822,6 +843,7 @@ class WorkerPool:
                 pid=worker.pid,
                 generation=generation,
                 **({} if worker.cpu is None else {"cpu": worker.cpu}),
+                rank=worker.rank,  # process.accept: the rank of the worker it replaces
             ),
         )
         # Apart from this task, which counts as a replacement not started yet
@@ -1020,6 +1042,13 @@ def pick_cpu(allowed: Sequence[int], taken: Iterable[int]) -> int:
     for nothing."""
     load = Counter(cpu for cpu in taken if cpu in allowed)
     return min(allowed, key=lambda cpu: load[cpu])
+
+
+def pick_rank(taken: Iterable[int]) -> int:
+    """The least rank (0, 1, ...) not in `taken`, the ranks of a generation's
+    live workers: a replacement takes the rank of the worker it replaces."""
+    held = set(taken)
+    return next(rank for rank in range(len(held) + 1) if rank not in held)
 
 
 def respawn_delay(quick_deaths: int) -> float:

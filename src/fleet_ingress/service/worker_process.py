@@ -18,6 +18,9 @@ from fleet_ingress.service.upgrade import AdoptedProcess, process_start
 
 # Every worker must have joined the coordinator within this at start, or `run` fails.
 WORKER_START_TIMEOUT = 30.0
+# A worker's rank in its generation (process.accept, `core.accept_order`), set
+# by the supervisor that starts it; absent: 0.
+WORKER_RANK_ENV = "INGRESS_WORKER_RANK"
 
 
 @dataclass(eq=False)
@@ -54,6 +57,10 @@ class WorkerProcess:
     # its calls end), which a later reload or upgrade does not change for it.
     drain_told: float | None = None
     cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
+    # Its rank in its generation, 0..N-1 (process.accept = "first": the order in
+    # which workers take new connections); a replacement takes the one it replaces.
+    # None: started by a release that gave none.
+    rank: int | None = None
     hung: bool = False  # killed by the supervisor: it answered no report request for a minute
     # Killed by the supervisor (`kill`: hung, its drain's end, a failed start, a stop).
     killed_here: bool = False
