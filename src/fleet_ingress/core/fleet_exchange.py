@@ -206,8 +206,14 @@ class FleetExchange:
             self._h11().send(h11.EndOfMessage())
         # What the fleet's 101 must answer: the key the carrier sent (checked
         # as it came in), when the request is a WebSocket handshake.
-        key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
-        accept = websocket_accept(key.strip()) if key is not None else None
+        # A loop, not `next()` of a generator: 1.7k instructions, where the
+        # generator made and run cost 5.1k (callgrind, session 50).
+        for name, value in headers:
+            if name.lower() == b"sec-websocket-key":
+                accept: bytes | None = websocket_accept(value.strip())
+                break
+        else:
+            accept = None
         self._accept = accept
         # Its line in a usual 101, lowercased (`_plain_switch`).
         self._accept_line = b"" if accept is None else b"%s %s\r\n" % (_ACCEPT_LINE, accept.lower())
