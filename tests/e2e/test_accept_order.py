@@ -201,6 +201,10 @@ def _burst(port: int, context: ssl.SSLContext, count: int) -> list[tuple[socket.
     return answered
 
 
+# pair: under "first" the first worker takes a burst whole when its handshakes run
+# faster than the other's look (every 50 ms, 10 ms to confirm): so in CI's main phase
+# (four tests at a time on two cores), 30 of 30 on one worker.
+@pytest.mark.pair
 @pytest.mark.parametrize("accept", ["first", "spread"])
 async def test_a_burst_of_handshakes_lands_on_both_workers(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet], accept: str
