@@ -157,6 +157,11 @@ class _FleetTakingWhenLet(SimulatedFleet):
         return await super()._call(request)
 
 
+# pair: in the main phase of a clean-clone CI run (session 50, 0f6f4218) the new image
+# logged no "worker rejoined" line (its first failure in eleven such runs); alone, and
+# beside two CPU burners, it passed every time (seven runs). Cause not found: run
+# with one other test at most until it is.
+@pytest.mark.pair
 async def test_calls_the_fleet_answers_during_the_exec_are_not_counted_free_by_the_new_image(
     tls_files: TLSFiles, tmp_path: Path
 ) -> None:
