@@ -59,7 +59,7 @@ from tests.support import (
 )
 
 # One process tree per test (the event loop is its own), waited on more than worked:
-# README's command runs these tests two at a time.
+# README's command runs these tests in its main phase, four at a time.
 pytestmark = pytest.mark.uvloop_only
 
 

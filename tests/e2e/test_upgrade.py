@@ -78,7 +78,7 @@ from tests.support import (
 )
 
 # One process tree per test (the event loop is its own), waited on more than worked:
-# README's command runs these tests two at a time. Most run an `upgrade` command
+# README's command runs these in its main phase, four at a time. Most run an `upgrade` command
 # (UPGRADE_WITHIN, above pytest's 120 s): bounded by one upgrade's time and the
 # rest; those running two say so (`upgrade_test_timeout(2)`).
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(upgrade_test_timeout())]
