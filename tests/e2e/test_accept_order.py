@@ -146,6 +146,41 @@ async def test_first_has_the_other_worker_take_calls_when_the_first_is_stopped(
         await service.finish()
 
 
+# pair: as the first test, calls one after another on one worker.
+@pytest.mark.pair
+async def test_first_has_the_replacement_of_the_first_worker_take_its_rank(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The worker taking calls killed (SIGKILL): its replacement takes its
+    rank (0), so calls opened one after another land on the replacement, not
+    on the survivor (rank 1, which takes them only while they wait)."""
+    service = await _start(tls_files, two_fleets, "first")
+    calls: list[ClientConnection] = []
+    try:
+        await _one_after_another(service, tls_files, 3, calls)
+        by_worker = await _calls_by_worker(service, 3)
+        (victim,) = (pid for pid, n in by_worker.items() if n == 3)
+        (survivor,) = (pid for pid in by_worker if pid != victim)
+        os.kill(victim, signal.SIGKILL)
+        rows: list[dict[str, Any]] = []
+        async with asyncio.timeout(15):
+            while not (
+                len(rows) == 2
+                and victim not in [r["pid"] for r in rows]
+                and all(r["state"] == "serving" for r in rows)
+            ):
+                await asyncio.sleep(0.05)
+                rows = (await service.stats())["workers"]
+        (replacement,) = (r["pid"] for r in rows if r["pid"] != survivor)
+        await close_calls(calls)  # the victim's, lost with it
+        calls.clear()
+        await _one_after_another(service, tls_files, 3, calls)
+        assert await _calls_by_worker(service, 3) == {replacement: 3, survivor: 0}
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 def _burst(port: int, context: ssl.SSLContext, count: int) -> list[tuple[socket.socket, bytes]]:
     """`count` WebSocket calls opened at once, faster than one worker serves
     them: every ClientHello made first, then every connection made and its
